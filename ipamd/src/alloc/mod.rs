@@ -1,0 +1,1 @@
+//! Pure allocation logic: pools, blocks, picking an address, cooldown. No I/O.

@@ -1,0 +1,36 @@
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+
+use crate::cluster::ClusterError;
+use crate::store::StoreError;
+
+/// Everything ipamd's core can refuse or fail with. Mapped to a gRPC status
+/// once, in `grpc.rs`.
+#[derive(Debug, thiserror::Error)]
+pub enum IpamError {
+    #[error(
+        "pool {pool} ({cidr}, {size} usable addresses) is exhausted: {allocated} allocated, {cooling} cooling down"
+    )]
+    Exhausted {
+        pool: String,
+        cidr: Ipv4Net,
+        size: u64,
+        allocated: u64,
+        cooling: u64,
+    },
+    #[error("invalid request: {0}")]
+    InvalidArgument(String),
+    #[error("address {ip} cannot be allocated: {reason}")]
+    AddressUnavailable { ip: Ipv4Addr, reason: String },
+    #[error("no pool named {0:?}")]
+    UnknownPool(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("cluster store: {0}")]
+    Cluster(#[from] ClusterError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}

@@ -1,0 +1,173 @@
+//! Domain types shared by the allocator, the store and the gRPC layer.
+//! IPv4 only: the dataplane is /32 routes with a link-local gateway.
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_POOL: &str = "default";
+
+/// The identity of one attachment. Allocate and Release are idempotent on it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct AllocKey {
+    pub network: String,
+    pub container_id: String,
+    pub ifname: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodMeta {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub netns: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    pub key: AllocKey,
+    pub ip: Ipv4Addr,
+    pub pool: String,
+    pub block: Ipv4Net,
+    pub pod: PodMeta,
+    pub created_unix_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolSpec {
+    pub name: String,
+    pub cidr: Ipv4Net,
+    pub block_size: u8,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    #[serde(default)]
+    pub nat_outgoing: bool,
+    #[serde(default)]
+    pub snat_address: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub isolated: bool,
+    #[serde(default)]
+    pub allow_from: Vec<String>,
+}
+
+impl PoolSpec {
+    /// The default pool is the one that serves no namespace in particular.
+    pub fn is_default(&self) -> bool {
+        self.namespaces.is_empty()
+    }
+}
+
+/// A block this node has claimed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockClaim {
+    pub pool: String,
+    pub cidr: Ipv4Net,
+    pub node: String,
+    pub claimed_unix_ms: i64,
+}
+
+/// What the plugin asks for on ADD.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllocateParams {
+    pub key: AllocKey,
+    pub pod: PodMeta,
+    pub requested_ips: Vec<Ipv4Addr>,
+    pub pool_hint: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AllocationFilter {
+    pub pool: Option<String>,
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    pub container_id: Option<String>,
+}
+
+impl AllocationFilter {
+    pub fn matches(&self, a: &Allocation) -> bool {
+        self.pool.as_ref().is_none_or(|p| *p == a.pool)
+            && self
+                .namespace
+                .as_ref()
+                .is_none_or(|n| *n == a.pod.namespace)
+            && self.pod.as_ref().is_none_or(|p| *p == a.pod.name)
+            && self
+                .container_id
+                .as_ref()
+                .is_none_or(|c| a.key.container_id.starts_with(c.as_str()))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    NotAvailable,
+    NoAddresses,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolUsage {
+    pub pool: PoolSpec,
+    pub is_default: bool,
+    /// Usable addresses in the whole pool.
+    pub size: u64,
+    pub allocated: u64,
+    pub cooling: u64,
+    pub blocks: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockUsage {
+    pub claim: BlockClaim,
+    pub size: u32,
+    pub allocated: u32,
+    pub cooling: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressState {
+    NotOwned,
+    Free,
+    Allocated,
+    /// Released at some time; reusable from `reusable_unix_ms`.
+    Cooling {
+        reusable_unix_ms: i64,
+    },
+    /// Never handed out (the pool's network and broadcast addresses).
+    Reserved,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddressInfo {
+    pub ip: Ipv4Addr,
+    pub state: AddressState,
+    pub pool: Option<String>,
+    pub block: Option<Ipv4Net>,
+    pub allocation: Option<Allocation>,
+}
+
+/// A difference reconcile found between IPAM state and the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub kind: FindingKind,
+    pub detail: String,
+    pub allocation: Option<Allocation>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FindingKind {
+    /// An allocation whose host veth does not exist.
+    MissingVeth,
+    /// A host veth of ours with no allocation behind it.
+    OrphanVeth,
+}
+
+impl FindingKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FindingKind::MissingVeth => "missing-veth",
+            FindingKind::OrphanVeth => "orphan-veth",
+        }
+    }
+}

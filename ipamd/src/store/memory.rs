@@ -1,0 +1,1 @@
+//! In-memory Store for tests of the core.

@@ -1,0 +1,82 @@
+//! Durable IPAM state. The core applies a batch of mutations atomically while
+//! it holds its lock, then awaits durability outside the lock, so concurrent
+//! requests share one flush (group commit).
+
+use std::net::Ipv4Addr;
+use std::pin::Pin;
+
+use ipnet::Ipv4Net;
+
+use crate::model::{AllocKey, Allocation, BlockClaim, PoolSpec};
+
+pub mod memory;
+pub mod sled;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A position in the store's write order. Durable(seq) covers every batch
+/// applied at or before seq.
+pub type Seq = u64;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mutation {
+    PutPool(PoolSpec),
+    DeletePool(String),
+    PutBlock(BlockClaim),
+    DeleteBlock {
+        pool: String,
+        cidr: Ipv4Net,
+    },
+    /// Also writes the ip -> key reverse index.
+    PutAllocation(Allocation),
+    /// Also removes the reverse index entry for `ip`.
+    DeleteAllocation {
+        key: AllocKey,
+        ip: Ipv4Addr,
+    },
+    /// A freed address, reusable from `released_unix_ms + cooldown`.
+    PutCooling {
+        ip: Ipv4Addr,
+        released_unix_ms: i64,
+    },
+    DeleteCooling {
+        ip: Ipv4Addr,
+    },
+}
+
+/// Everything persisted, as loaded at start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub pools: Vec<PoolSpec>,
+    pub blocks: Vec<BlockClaim>,
+    pub allocations: Vec<Allocation>,
+    /// (ip, released_unix_ms), oldest release first.
+    pub cooling: Vec<(Ipv4Addr, i64)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sled: {0}")]
+    Sled(#[from] ::sled::Error),
+    #[error("I/O on {path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("corrupt record {key:?}: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error("store is closed")]
+    Closed,
+}
+
+pub trait Store: Send + Sync {
+    fn load(&self) -> Result<Snapshot, StoreError>;
+    /// Applies the whole batch atomically (all or nothing) and returns its
+    /// position. Not yet durable.
+    fn apply(&self, batch: &[Mutation]) -> Result<Seq, StoreError>;
+    /// The position of the newest applied batch.
+    fn last_seq(&self) -> Seq;
+    /// Resolves once every batch up to `seq` survives a crash.
+    fn durable(&self, seq: Seq) -> BoxFuture<'_, Result<(), StoreError>>;
+}

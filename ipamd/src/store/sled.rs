@@ -1,0 +1,1 @@
+//! The sled Store: one transaction per batch, group-committed flushes.

@@ -1,0 +1,1 @@
+//! ADD, DEL, CHECK, STATUS and GC over an IpamClient and a Dataplane.

@@ -1,0 +1,1 @@
+//! CNI protocol: env + stdin -> typed request; results and errors per spec version.

@@ -1,0 +1,1 @@
+//! A recording Dataplane for unit tests of cmd.rs.

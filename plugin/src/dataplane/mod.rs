@@ -1,0 +1,75 @@
+//! The pod's side of the dataplane (DESIGN §2) behind a narrow trait, so
+//! `cmd.rs` can be tested with a recording fake.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use ipnet::Ipv4Net;
+
+pub mod fake;
+pub mod linux;
+
+/// Everything needed to wire one pod attachment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodLink {
+    pub netns: PathBuf,
+    /// The interface inside the pod, usually eth0.
+    pub ifname: String,
+    /// `fry…`, from `ferry_proto::host_veth_name`.
+    pub host_veth: String,
+    /// Each a /32.
+    pub addresses: Vec<Ipv4Net>,
+    pub gateway: Ipv4Addr,
+    pub mtu: u32,
+}
+
+/// What ADD reports back in the CNI result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attached {
+    pub host_mac: [u8; 6],
+    pub pod_mac: [u8; 6],
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("network namespace {path} does not exist")]
+    NetnsMissing { path: PathBuf },
+    #[error("cannot enter network namespace {path}: {source}")]
+    Netns {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("interface {ifname} already exists in {netns}")]
+    InterfaceExists { ifname: String, netns: PathBuf },
+    #[error("{op}: {detail}")]
+    Netlink { op: String, detail: String },
+    #[error("sysctl {path}: {source}")]
+    Sysctl {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// CHECK found the pod wired differently from what it should be.
+    #[error("{0}")]
+    Mismatch(String),
+}
+
+pub trait Dataplane {
+    /// Creates the veth with its peer directly in the pod netns, addresses
+    /// and routes both sides. A stale host veth named `host_veth` is removed
+    /// first. Leaves nothing behind when it fails.
+    fn setup(&self, link: &PodLink) -> Result<Attached, DataplaneError>;
+
+    /// Best effort, and success when everything is already gone. `netns` is
+    /// None when the runtime gave none or it no longer exists.
+    fn teardown(
+        &self,
+        host_veth: &str,
+        netns: Option<&Path>,
+        ifname: &str,
+    ) -> Result<(), DataplaneError>;
+
+    /// Verifies the interfaces, addresses and routes of both sides.
+    fn check(&self, link: &PodLink) -> Result<(), DataplaneError>;
+}

@@ -1,0 +1,1 @@
+//! gRPC IpamClient over the Unix socket.

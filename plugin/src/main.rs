@@ -1,0 +1,6 @@
+mod cmd;
+mod cni;
+mod dataplane;
+mod ipam;
+
+fn main() {}
