@@ -1,20 +1,34 @@
 //! The IPAM core: the pure allocator behind a lock, the store for durability,
 //! the cluster store for block claims. gRPC, reconcile and the admin API all
 //! go through here.
+//!
+//! Every change follows one pattern: under the allocator lock, decide (a list
+//! of mutations), write it to the store, apply it in memory; drop the lock;
+//! then await durability of that batch before answering. Concurrent requests
+//! thus share one flush. Block claims go to the cluster store with the lock
+//! dropped, serialised by a separate async lock so that two requests do not
+//! claim two blocks where one is enough.
 
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::Ipv4Net;
+use tracing::{debug, info, warn};
 
+use crate::alloc::{AllocConfig, Allocator, Plan};
 use crate::cluster::ClusterStore;
 use crate::error::IpamError;
 use crate::model::{
-    AddressInfo, AllocKey, AllocateParams, Allocation, AllocationFilter, BlockUsage, PoolSpec,
-    PoolUsage, Readiness,
+    AddressInfo, AllocKey, AllocateParams, Allocation, AllocationFilter, BlockClaim, BlockUsage,
+    PoolSpec, PoolUsage, Readiness,
 };
-use crate::store::Store;
+use crate::store::{Mutation, Seq, Store};
+
+/// Claim rounds per allocate before giving up: each round claims a block and
+/// plans again, so more than a few means other requests keep filling them.
+const MAX_ROUNDS: usize = 8;
 
 #[derive(Debug, Clone)]
 pub struct IpamOptions {
@@ -27,12 +41,37 @@ pub struct IpamOptions {
     pub block_idle_grace: Duration,
 }
 
-pub struct Ipam {
-    _store: Arc<dyn Store>,
-    _cluster: Arc<dyn ClusterStore>,
+/// Current time in unix milliseconds. Injectable so tests can move time.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0)
+    })
 }
 
-#[allow(clippy::todo, unused_variables)]
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+pub struct Ipam {
+    node: String,
+    state: Mutex<Allocator>,
+    /// Serialises block claims and releases with the cluster store.
+    claims: tokio::sync::Mutex<()>,
+    store: Arc<dyn Store>,
+    cluster: Arc<dyn ClusterStore>,
+    clock: Clock,
+}
+
+enum Step {
+    Done(Allocation, Seq),
+    Claim(String, Option<Ipv4Addr>),
+}
+
 impl Ipam {
     /// Loads the persisted state; configured pools are added or updated, and a
     /// persisted pool that still has allocations is kept even if removed from
@@ -42,21 +81,196 @@ impl Ipam {
         store: Arc<dyn Store>,
         cluster: Arc<dyn ClusterStore>,
     ) -> Result<Self, IpamError> {
-        todo!()
+        Self::open_with_clock(opts, store, cluster, system_clock()).await
+    }
+
+    /// [`Ipam::open`] with a chosen clock.
+    pub async fn open_with_clock(
+        opts: IpamOptions,
+        store: Arc<dyn Store>,
+        cluster: Arc<dyn ClusterStore>,
+        clock: Clock,
+    ) -> Result<Self, IpamError> {
+        let snap = store.load()?;
+        let cfg = AllocConfig {
+            node: opts.node.clone(),
+            cooldown_ms: millis(opts.cooldown),
+            block_idle_grace_ms: millis(opts.block_idle_grace),
+        };
+        let mut alloc = Allocator::restore(cfg, &snap);
+        let (dropped, muts) = alloc.plan_merge_pools(&opts.pools)?;
+        if !muts.is_empty() {
+            let seq = store.apply(&muts)?;
+            alloc.apply(&muts, clock());
+            store.durable(seq).await?;
+        }
+        for b in &dropped {
+            // Best effort: a block we no longer record must not stay ours
+            // in the cluster, but failing to say so is not fatal.
+            if let Err(e) = cluster.release_block(&b.pool, b.cidr, &opts.node).await {
+                warn!(pool = %b.pool, block = %b.cidr, error = %e, "could not give back block");
+            }
+        }
+        info!(
+            node = %opts.node,
+            pools = alloc.pool_specs().count(),
+            blocks = alloc.owned_blocks().len(),
+            allocations = alloc.allocation_count(),
+            cooling = snap.cooling.len(),
+            "IPAM state loaded"
+        );
+        Ok(Ipam {
+            node: opts.node,
+            state: Mutex::new(alloc),
+            claims: tokio::sync::Mutex::new(()),
+            store,
+            cluster,
+            clock,
+        })
+    }
+
+    fn now(&self) -> i64 {
+        (self.clock)()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Allocator> {
+        // The allocator only changes after a successful store write, in
+        // apply(), which does not panic; a poisoned lock still holds a
+        // consistent state.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes `muts` and mirrors them in memory. Call with the lock held.
+    fn commit(&self, st: &mut Allocator, muts: &[Mutation], now: i64) -> Result<Seq, IpamError> {
+        if muts.is_empty() {
+            return Ok(self.store.last_seq());
+        }
+        let seq = self.store.apply(muts)?;
+        st.apply(muts, now);
+        Ok(seq)
     }
 
     /// Idempotent on `params.key`; durable before it returns.
     pub async fn allocate(&self, params: AllocateParams) -> Result<Allocation, IpamError> {
-        todo!()
+        for _ in 0..MAX_ROUNDS {
+            let step = {
+                let now = self.now();
+                let mut st = self.lock();
+                match st.plan_allocate(&params, now)? {
+                    // An earlier request for this key may still be flushing.
+                    Plan::Existing(a) => Step::Done(a, self.store.last_seq()),
+                    Plan::Allocate {
+                        allocation,
+                        mutations,
+                    } => {
+                        let seq = self.commit(&mut st, &mutations, now)?;
+                        info!(ip = %allocation.ip, pool = %allocation.pool,
+                            container = %allocation.key.container_id, ifname = %allocation.key.ifname,
+                            pod = %format_args!("{}/{}", allocation.pod.namespace, allocation.pod.name),
+                            "allocated");
+                        Step::Done(allocation, seq)
+                    }
+                    Plan::NeedBlock { pool, requested } => Step::Claim(pool, requested),
+                }
+            };
+            match step {
+                Step::Done(a, seq) => {
+                    self.store.durable(seq).await?;
+                    return Ok(a);
+                }
+                Step::Claim(pool, requested) => self.claim_block_for(&pool, requested).await?,
+            }
+        }
+        let pool = self.lock().select_pool(&params)?.name.clone();
+        warn!(%pool, "gave up allocating after {MAX_ROUNDS} block claims");
+        Err(self.lock().exhausted_error(&pool, self.now()))
+    }
+
+    /// Claims one block of `pool` (the one holding `requested`, if given).
+    /// Returns Ok once a block was recorded or one already landed meanwhile.
+    async fn claim_block_for(
+        &self,
+        pool: &str,
+        requested: Option<Ipv4Addr>,
+    ) -> Result<(), IpamError> {
+        let _claims = self.claims.lock().await;
+        if self.lock().need_satisfied(pool, requested, self.now()) {
+            return Ok(());
+        }
+        let foreign = self.cluster.foreign_blocks(pool).await?;
+        let candidates = {
+            let mut st = self.lock();
+            st.set_foreign(pool, foreign);
+            st.block_candidates(pool, requested, self.now())?
+        };
+        for cidr in candidates {
+            if !self.cluster.claim_block(pool, cidr, &self.node).await? {
+                debug!(%pool, block = %cidr, "block taken by another node");
+                continue;
+            }
+            let recorded = {
+                let now = self.now();
+                let mut st = self.lock();
+                match st.plan_block_claim(pool, cidr, now) {
+                    Some(m) => self.commit(&mut st, &[m], now).map(Some),
+                    None => Ok(None),
+                }
+            };
+            match recorded {
+                // The allocation that follows is a later batch; its flush
+                // makes this claim durable too.
+                Ok(Some(_)) => {
+                    info!(%pool, block = %cidr, node = %self.node, "claimed block");
+                    return Ok(());
+                }
+                Ok(None) => {
+                    // The pool vanished meanwhile; planning again reports it.
+                    self.give_back(pool, cidr).await;
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.give_back(pool, cidr).await;
+                    return Err(e);
+                }
+            }
+        }
+        match requested {
+            Some(ip) => Err(IpamError::AddressUnavailable {
+                ip,
+                reason: "its block belongs to another node".into(),
+            }),
+            None => Err(self.lock().exhausted_error(pool, self.now())),
+        }
+    }
+
+    async fn give_back(&self, pool: &str, cidr: Ipv4Net) {
+        if let Err(e) = self.cluster.release_block(pool, cidr, &self.node).await {
+            warn!(%pool, block = %cidr, error = %e, "could not give back block");
+        }
     }
 
     /// Idempotent: an unknown key is Ok(None). Durable before it returns.
     pub async fn release(&self, key: &AllocKey) -> Result<Option<Allocation>, IpamError> {
-        todo!()
+        let (released, seq) = {
+            let now = self.now();
+            let mut st = self.lock();
+            match st.plan_release(key, now) {
+                Some((a, muts)) => {
+                    let seq = self.commit(&mut st, &muts, now)?;
+                    info!(ip = %a.ip, pool = %a.pool, container = %a.key.container_id,
+                        ifname = %a.key.ifname, "released");
+                    (Some(a), seq)
+                }
+                // A concurrent release of this key may still be flushing.
+                None => (None, self.store.last_seq()),
+            }
+        };
+        self.store.durable(seq).await?;
+        Ok(released)
     }
 
     pub fn get(&self, key: &AllocKey) -> Option<Allocation> {
-        todo!()
+        self.lock().get(key).cloned()
     }
 
     /// Releases every allocation of `network` whose key is not in `valid`.
@@ -65,60 +279,747 @@ impl Ipam {
         network: &str,
         valid: &[AllocKey],
     ) -> Result<Vec<Allocation>, IpamError> {
-        todo!()
+        let (gone, seq) = {
+            let now = self.now();
+            let mut st = self.lock();
+            let (gone, muts) = st.plan_gc(network, valid, now);
+            let seq = self.commit(&mut st, &muts, now)?;
+            (gone, seq)
+        };
+        self.store.durable(seq).await?;
+        for a in &gone {
+            info!(ip = %a.ip, container = %a.key.container_id, ifname = %a.key.ifname,
+                "released by GC");
+        }
+        Ok(gone)
     }
 
+    /// Ready while at least one pool can still hand out an address (from an
+    /// owned block or a block nobody owns); NoAddresses when none can.
     pub fn readiness(&self) -> (Readiness, String) {
-        todo!()
+        let now = self.now();
+        let st = self.lock();
+        let names: Vec<String> = st.pool_specs().map(|p| p.name.clone()).collect();
+        if names.iter().any(|n| st.can_allocate(n, now)) {
+            return (Readiness::Ready, String::new());
+        }
+        if names.is_empty() {
+            return (Readiness::NoAddresses, "no pools are configured".into());
+        }
+        let why: Vec<String> = names
+            .iter()
+            .map(|n| st.exhausted_error(n, now).to_string())
+            .collect();
+        (Readiness::NoAddresses, why.join("; "))
     }
 
     pub fn node(&self) -> &str {
-        todo!()
+        &self.node
     }
 
     pub fn pools(&self) -> Vec<PoolUsage> {
-        todo!()
+        let now = self.now();
+        self.lock().pool_usage(now)
     }
 
     pub fn blocks(&self, pool: Option<&str>) -> Vec<BlockUsage> {
-        todo!()
+        let now = self.now();
+        self.lock().block_usage(pool, now)
     }
 
+    /// Sorted by IP.
     pub fn allocations(&self, filter: &AllocationFilter) -> Vec<Allocation> {
-        todo!()
+        self.lock().allocations(filter)
     }
 
     pub fn address(&self, ip: Ipv4Addr) -> AddressInfo {
-        todo!()
+        let now = self.now();
+        self.lock().address(ip, now)
     }
 
-    /// Allocations whose container ID starts with `prefix`.
+    /// Allocations whose container ID starts with `prefix`, sorted by IP. An
+    /// empty prefix matches nothing, so a slip cannot select everything.
     pub fn by_container(&self, prefix: &str) -> Vec<Allocation> {
-        todo!()
+        if prefix.is_empty() {
+            return Vec::new();
+        }
+        self.allocations(&AllocationFilter {
+            container_id: Some(prefix.to_string()),
+            ..AllocationFilter::default()
+        })
     }
 
     /// Releases whatever holds `ip`; Ok(None) when nothing does.
     pub async fn release_ip(&self, ip: Ipv4Addr) -> Result<Option<Allocation>, IpamError> {
-        todo!()
+        let key = self.lock().holder(ip).map(|a| a.key.clone());
+        match key {
+            Some(k) => self.release(&k).await,
+            None => {
+                self.store.durable(self.store.last_seq()).await?;
+                Ok(None)
+            }
+        }
     }
 
     pub async fn add_pool(&self, pool: PoolSpec) -> Result<PoolSpec, IpamError> {
-        todo!()
+        let seq = {
+            let now = self.now();
+            let mut st = self.lock();
+            let muts = st.plan_add_pool(&pool)?;
+            self.commit(&mut st, &muts, now)?
+        };
+        self.store.durable(seq).await?;
+        info!(pool = %pool.name, cidr = %pool.cidr, block_size = pool.block_size, "pool added");
+        Ok(pool)
     }
 
     /// Refused while the pool holds allocations.
     pub async fn remove_pool(&self, name: &str) -> Result<(), IpamError> {
-        todo!()
+        // Held so no claim for this pool runs between our decision and the
+        // cluster releases.
+        let _claims = self.claims.lock().await;
+        let (blocks, seq) = {
+            let now = self.now();
+            let mut st = self.lock();
+            let (blocks, muts) = st.plan_remove_pool(name)?;
+            (blocks, self.commit(&mut st, &muts, now)?)
+        };
+        self.store.durable(seq).await?;
+        for b in &blocks {
+            self.give_back(&b.pool, b.cidr).await;
+        }
+        info!(pool = %name, blocks = blocks.len(), "pool removed");
+        Ok(())
     }
 
     /// Gives back blocks empty for longer than the grace period, keeping one
     /// per pool in use. Returns what was released.
     pub async fn release_idle_blocks(&self) -> Result<Vec<Ipv4Net>, IpamError> {
-        todo!()
+        // Forget the blocks locally (durably) first, then tell the cluster:
+        // a crash in between leaves a block claimed in the cluster but unused
+        // here, never one used here that the cluster thinks is free.
+        let _claims = self.claims.lock().await;
+        let (blocks, seq): (Vec<BlockClaim>, Seq) = {
+            let now = self.now();
+            let mut st = self.lock();
+            let (blocks, muts) = st.plan_release_idle(now);
+            (blocks, self.commit(&mut st, &muts, now)?)
+        };
+        self.store.durable(seq).await?;
+        let mut out = Vec::with_capacity(blocks.len());
+        for b in blocks {
+            self.cluster
+                .release_block(&b.pool, b.cidr, &self.node)
+                .await?;
+            info!(pool = %b.pool, block = %b.cidr, "released idle block");
+            out.push(b.cidr);
+        }
+        Ok(out)
     }
 
     /// The blocks this node owns, for blackhole routes.
     pub fn owned_blocks(&self) -> Vec<Ipv4Net> {
-        todo!()
+        self.lock().owned_blocks()
+    }
+
+    /// The blocks this node owns with their pools, for routes and the cluster.
+    pub fn block_claims(&self) -> Vec<BlockClaim> {
+        self.lock().block_claims()
+    }
+
+    /// The pool specs, by name.
+    pub fn pool_specs(&self) -> Vec<PoolSpec> {
+        self.lock().pool_specs().cloned().collect()
+    }
+
+    /// Compares the in-memory state with what the store holds; each entry
+    /// describes one difference. Empty means consistent.
+    pub fn check_consistency(&self) -> Result<Vec<String>, IpamError> {
+        let st = self.lock();
+        let snap = self.store.load()?;
+        let mut out = Vec::new();
+        let mem: BTreeSet<String> = st
+            .allocations(&AllocationFilter::default())
+            .iter()
+            .map(|a| {
+                format!(
+                    "{} {}/{}/{}",
+                    a.ip, a.key.network, a.key.container_id, a.key.ifname
+                )
+            })
+            .collect();
+        let disk: BTreeSet<String> = snap
+            .allocations
+            .iter()
+            .map(|a| {
+                format!(
+                    "{} {}/{}/{}",
+                    a.ip, a.key.network, a.key.container_id, a.key.ifname
+                )
+            })
+            .collect();
+        for d in mem.difference(&disk) {
+            out.push(format!("allocation {d} is in memory but not in the store"));
+        }
+        for d in disk.difference(&mem) {
+            out.push(format!("allocation {d} is in the store but not in memory"));
+        }
+        let mem_blocks: BTreeSet<Ipv4Net> = st.owned_blocks().into_iter().collect();
+        let disk_blocks: BTreeSet<Ipv4Net> = snap.blocks.iter().map(|b| b.cidr).collect();
+        for b in mem_blocks.symmetric_difference(&disk_blocks) {
+            out.push(format!("block {b} differs between memory and the store"));
+        }
+        if st.cooling() != snap.cooling {
+            out.push("cooling entries differ between memory and the store".into());
+        }
+        for a in st.allocations(&AllocationFilter::default()) {
+            if !mem_blocks.iter().any(|b| b.contains(&a.ip)) {
+                out.push(format!(
+                    "allocation {} lies in no block this node owns",
+                    a.ip
+                ));
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    use super::*;
+    use crate::cluster::ClusterError;
+    use crate::cluster::local::LocalCluster;
+    use crate::model::{AddressState, PodMeta};
+    use crate::store::memory::MemoryStore;
+    use crate::store::sled::SledStore;
+    use crate::store::{BoxFuture, StoreError};
+
+    const COOLDOWN_MS: i64 = 30_000;
+
+    fn spec(name: &str, cidr: &str, block: u8, namespaces: &[&str]) -> PoolSpec {
+        PoolSpec {
+            name: name.into(),
+            cidr: cidr.parse().unwrap(),
+            block_size: block,
+            namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
+            nat_outgoing: true,
+            snat_address: None,
+            isolated: false,
+            allow_from: vec![],
+        }
+    }
+
+    fn opts(pools: Vec<PoolSpec>) -> IpamOptions {
+        IpamOptions {
+            node: "node-a".into(),
+            pools,
+            cooldown: Duration::from_millis(COOLDOWN_MS as u64),
+            block_idle_grace: Duration::from_secs(600),
+        }
+    }
+
+    struct TestClock(Arc<AtomicI64>);
+
+    impl TestClock {
+        fn new() -> (Self, Clock) {
+            let t = Arc::new(AtomicI64::new(1_700_000_000_000));
+            let c = t.clone();
+            (TestClock(t), Arc::new(move || c.load(Ordering::SeqCst)))
+        }
+        fn advance(&self, ms: i64) {
+            self.0.fetch_add(ms, Ordering::SeqCst);
+        }
+    }
+
+    fn params(i: usize) -> AllocateParams {
+        AllocateParams {
+            key: AllocKey {
+                network: "ferry".into(),
+                container_id: format!("{i:04x}{}", "f".repeat(60)),
+                ifname: "eth0".into(),
+            },
+            pod: PodMeta {
+                namespace: "default".into(),
+                name: format!("pod-{i}"),
+                uid: format!("uid-{i}"),
+                netns: format!("/var/run/netns/cni-{i}"),
+            },
+            requested_ips: vec![],
+            pool_hint: None,
+        }
+    }
+
+    async fn open_mem(pools: Vec<PoolSpec>) -> (Ipam, Arc<MemoryStore>, TestClock) {
+        let store = Arc::new(MemoryStore::new());
+        let (tc, clock) = TestClock::new();
+        let ipam = Ipam::open_with_clock(opts(pools), store.clone(), Arc::new(LocalCluster), clock)
+            .await
+            .unwrap();
+        (ipam, store, tc)
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn allocate_release_idempotent() {
+        let (ipam, store, _tc) = open_mem(vec![spec("default", "10.244.0.0/16", 26, &[])]).await;
+        let a = ipam.allocate(params(1)).await.unwrap();
+        assert_eq!(a.ip, ip("10.244.0.1"));
+        assert_eq!(a.block, "10.244.0.0/26".parse::<Ipv4Net>().unwrap());
+        assert_eq!(ipam.allocate(params(1)).await.unwrap(), a);
+        let b = ipam.allocate(params(2)).await.unwrap();
+        assert_ne!(a.ip, b.ip);
+        assert_eq!(ipam.get(&params(1).key), Some(a.clone()));
+        assert_eq!(
+            ipam.owned_blocks(),
+            vec!["10.244.0.0/26".parse::<Ipv4Net>().unwrap()]
+        );
+        assert_eq!(
+            ipam.by_container(&params(1).key.container_id[..12]),
+            vec![a.clone()]
+        );
+        assert!(ipam.by_container("").is_empty());
+
+        assert_eq!(ipam.release(&params(1).key).await.unwrap(), Some(a.clone()));
+        assert_eq!(ipam.release(&params(1).key).await.unwrap(), None);
+        assert!(matches!(
+            ipam.address(a.ip).state,
+            AddressState::Cooling { .. }
+        ));
+        // A new key does not get the cooling address.
+        let c = ipam.allocate(params(3)).await.unwrap();
+        assert_ne!(c.ip, a.ip);
+        assert_eq!(
+            ipam.allocations(&AllocationFilter::default())
+                .iter()
+                .map(|x| x.ip)
+                .collect::<Vec<_>>(),
+            vec![b.ip, c.ip]
+        );
+        assert_eq!(
+            ipam.release_ip(b.ip).await.unwrap().map(|x| x.key),
+            Some(params(2).key)
+        );
+        assert_eq!(ipam.release_ip(b.ip).await.unwrap(), None);
+        assert_eq!(store.ip_index(), vec![(c.ip, params(3).key)]);
+        assert!(ipam.check_consistency().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn exhaustion_cooldown_and_readiness() {
+        let (ipam, _store, tc) = open_mem(vec![spec("default", "10.0.0.0/29", 30, &[])]).await;
+        assert_eq!(ipam.readiness().0, Readiness::Ready);
+        let mut held = Vec::new();
+        for i in 0..6 {
+            held.push(ipam.allocate(params(i)).await.unwrap().ip);
+        }
+        assert_eq!(ipam.owned_blocks().len(), 2);
+        let err = ipam.allocate(params(6)).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "pool default (10.0.0.0/29, 6 usable addresses) is exhausted: 6 allocated, 0 cooling down"
+        );
+        let (r, why) = ipam.readiness();
+        assert_eq!(r, Readiness::NoAddresses);
+        assert!(why.contains("pool default"), "{why}");
+
+        ipam.release(&params(2).key).await.unwrap();
+        tc.advance(1);
+        ipam.release(&params(0).key).await.unwrap();
+        let err = ipam.allocate(params(6)).await.unwrap_err();
+        assert!(
+            err.to_string().ends_with("4 allocated, 2 cooling down"),
+            "{err}"
+        );
+        tc.advance(COOLDOWN_MS - 2);
+        assert!(ipam.allocate(params(6)).await.is_err());
+        tc.advance(1);
+        assert_eq!(ipam.readiness().0, Readiness::Ready);
+        // FIFO: .3 was released first, and .1 is not cooled down yet.
+        assert_eq!(ipam.allocate(params(6)).await.unwrap().ip, held[2]);
+        assert!(matches!(
+            ipam.allocate(params(7)).await,
+            Err(IpamError::Exhausted { .. })
+        ));
+        tc.advance(1);
+        assert_eq!(ipam.allocate(params(7)).await.unwrap().ip, held[0]);
+        let usage = ipam.pools();
+        assert_eq!(
+            (usage[0].size, usage[0].allocated, usage[0].blocks),
+            (6, 6, 2)
+        );
+    }
+
+    #[tokio::test]
+    async fn pool_selection_through_the_core() {
+        let (ipam, _store, _tc) = open_mem(vec![
+            spec("default", "10.244.0.0/16", 26, &[]),
+            spec("team-a", "10.50.0.0/24", 28, &["team-a"]),
+        ])
+        .await;
+        let mut p = params(1);
+        p.pod.namespace = "team-a".into();
+        assert_eq!(ipam.allocate(p).await.unwrap().pool, "team-a");
+        let mut p = params(2);
+        p.pool_hint = Some("team-a".into());
+        assert_eq!(ipam.allocate(p).await.unwrap().ip, ip("10.50.0.2"));
+        let mut p = params(3);
+        p.pool_hint = Some("nope".into());
+        assert!(matches!(
+            ipam.allocate(p).await,
+            Err(IpamError::UnknownPool(_))
+        ));
+        let mut p = params(4);
+        p.requested_ips = vec![ip("10.244.7.9")];
+        let a = ipam.allocate(p).await.unwrap();
+        assert_eq!(
+            (a.ip, a.block),
+            (ip("10.244.7.9"), "10.244.7.0/26".parse().unwrap())
+        );
+        let mut p = params(5);
+        p.requested_ips = vec![ip("10.244.7.9")];
+        assert!(matches!(
+            ipam.allocate(p).await,
+            Err(IpamError::AddressUnavailable { reason, .. }) if reason.contains("allocated to container")
+        ));
+        assert_eq!(ipam.blocks(Some("team-a")).len(), 1);
+        assert_eq!(ipam.blocks(None).len(), 2);
+    }
+
+    #[tokio::test]
+    async fn pool_admin() {
+        let (ipam, _store, _tc) = open_mem(vec![spec("default", "10.244.0.0/16", 26, &[])]).await;
+        assert!(matches!(
+            ipam.add_pool(spec("", "10.1.0.0/24", 26, &["x"])).await,
+            Err(IpamError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            ipam.add_pool(spec("x", "10.1.0.0/24", 23, &["x"])).await,
+            Err(IpamError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            ipam.add_pool(spec("x", "10.244.128.0/24", 26, &["x"]))
+                .await,
+            Err(IpamError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            ipam.add_pool(spec("x", "10.1.0.0/24", 26, &[])).await,
+            Err(IpamError::Conflict(_))
+        ));
+        ipam.add_pool(spec("x", "10.1.0.0/24", 26, &["x"]))
+            .await
+            .unwrap();
+        let mut p = params(1);
+        p.pool_hint = Some("x".into());
+        let a = ipam.allocate(p).await.unwrap();
+        assert!(matches!(
+            ipam.remove_pool("x").await,
+            Err(IpamError::Conflict(_))
+        ));
+        assert!(matches!(
+            ipam.remove_pool("default").await,
+            Err(IpamError::Conflict(_))
+        ));
+        assert!(matches!(
+            ipam.remove_pool("y").await,
+            Err(IpamError::NotFound(_))
+        ));
+        ipam.release(&a.key).await.unwrap();
+        ipam.remove_pool("x").await.unwrap();
+        assert_eq!(ipam.pools().len(), 1);
+        assert!(ipam.owned_blocks().is_empty());
+    }
+
+    #[tokio::test]
+    async fn idle_blocks_go_back_but_one_stays() {
+        let (ipam, _store, tc) = open_mem(vec![spec("default", "10.0.0.0/24", 30, &[])]).await;
+        // Blocks of 3, 4 and 4 usable addresses.
+        for i in 0..8 {
+            ipam.allocate(params(i)).await.unwrap();
+        }
+        assert_eq!(ipam.owned_blocks().len(), 3);
+        for i in 0..8 {
+            ipam.release(&params(i).key).await.unwrap();
+        }
+        assert!(ipam.release_idle_blocks().await.unwrap().is_empty());
+        tc.advance(600_000);
+        let gone = ipam.release_idle_blocks().await.unwrap();
+        assert_eq!(gone.len(), 2);
+        assert_eq!(
+            ipam.owned_blocks(),
+            vec!["10.0.0.0/30".parse::<Ipv4Net>().unwrap()]
+        );
+        assert!(ipam.check_consistency().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn failed_store_write_changes_nothing() {
+        let (ipam, store, _tc) = open_mem(vec![spec("default", "10.0.0.0/24", 28, &[])]).await;
+        let a = ipam.allocate(params(1)).await.unwrap();
+        store.fail_applies(true);
+        assert!(matches!(
+            ipam.allocate(params(2)).await,
+            Err(IpamError::Store(_))
+        ));
+        assert!(matches!(
+            ipam.release(&a.key).await,
+            Err(IpamError::Store(_))
+        ));
+        store.fail_applies(false);
+        assert_eq!(
+            ipam.allocations(&AllocationFilter::default()),
+            vec![a.clone()]
+        );
+        assert!(ipam.check_consistency().unwrap().is_empty());
+        assert_ne!(ipam.allocate(params(2)).await.unwrap().ip, a.ip);
+    }
+
+    /// A cluster in which another node owns some blocks and races us for
+    /// others.
+    struct Contested {
+        foreign: Vec<BlockClaim>,
+        lose: Vec<Ipv4Net>,
+        down: bool,
+    }
+
+    impl ClusterStore for Contested {
+        fn claim_block<'a>(
+            &'a self,
+            _pool: &'a str,
+            cidr: Ipv4Net,
+            _node: &'a str,
+        ) -> BoxFuture<'a, Result<bool, ClusterError>> {
+            let r = if self.down {
+                Err(ClusterError::Unavailable("no quorum".into()))
+            } else {
+                Ok(!self.lose.contains(&cidr))
+            };
+            Box::pin(async move { r })
+        }
+        fn release_block<'a>(
+            &'a self,
+            _pool: &'a str,
+            _cidr: Ipv4Net,
+            _node: &'a str,
+        ) -> BoxFuture<'a, Result<(), ClusterError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn foreign_blocks<'a>(
+            &'a self,
+            _pool: &'a str,
+        ) -> BoxFuture<'a, Result<Vec<BlockClaim>, ClusterError>> {
+            let r = self.foreign.clone();
+            Box::pin(async move { Ok(r) })
+        }
+    }
+
+    #[tokio::test]
+    async fn never_uses_other_nodes_blocks() {
+        let net = |s: &str| s.parse::<Ipv4Net>().unwrap();
+        let cluster = Arc::new(Contested {
+            foreign: vec![BlockClaim {
+                pool: "default".into(),
+                cidr: net("10.0.0.0/28"),
+                node: "node-b".into(),
+                claimed_unix_ms: 0,
+            }],
+            lose: vec![net("10.0.0.16/28")],
+            down: false,
+        });
+        let (_tc, clock) = TestClock::new();
+        let ipam = Ipam::open_with_clock(
+            opts(vec![spec("default", "10.0.0.0/24", 28, &[])]),
+            Arc::new(MemoryStore::new()),
+            cluster,
+            clock,
+        )
+        .await
+        .unwrap();
+        let a = ipam.allocate(params(1)).await.unwrap();
+        assert_eq!(a.block, net("10.0.0.32/28"));
+        let mut p = params(2);
+        p.requested_ips = vec![ip("10.0.0.5")];
+        assert!(matches!(
+            ipam.allocate(p).await,
+            Err(IpamError::AddressUnavailable { reason, .. }) if reason.contains("node-b")
+        ));
+        let mut p = params(3);
+        p.requested_ips = vec![ip("10.0.0.20")];
+        assert!(matches!(
+            ipam.allocate(p).await,
+            Err(IpamError::AddressUnavailable { .. })
+        ));
+
+        // Cluster down: owned blocks still serve, a new claim fails as Cluster.
+        let (_tc, clock) = TestClock::new();
+        let down = Arc::new(Contested {
+            foreign: vec![],
+            lose: vec![],
+            down: true,
+        });
+        let ipam = Ipam::open_with_clock(
+            opts(vec![spec("default", "10.0.0.0/24", 28, &[])]),
+            Arc::new(MemoryStore::new()),
+            down,
+            clock,
+        )
+        .await
+        .unwrap();
+        assert!(matches!(
+            ipam.allocate(params(1)).await,
+            Err(IpamError::Cluster(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn open_validates_pools() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let cluster: Arc<dyn ClusterStore> = Arc::new(LocalCluster);
+        let bad = [
+            vec![
+                spec("default", "10.0.0.0/16", 26, &[]),
+                spec("b", "10.0.1.0/24", 26, &["b"]),
+            ],
+            vec![
+                spec("default", "10.0.0.0/16", 26, &[]),
+                spec("b", "10.1.0.0/16", 26, &[]),
+            ],
+            vec![spec("b", "10.1.0.0/16", 26, &["b"])],
+            vec![spec("default", "10.0.0.0/16", 12, &[])],
+        ];
+        for pools in bad {
+            assert!(
+                Ipam::open(opts(pools.clone()), store.clone(), cluster.clone())
+                    .await
+                    .is_err(),
+                "{pools:?} accepted"
+            );
+        }
+        assert!(store.load().unwrap().pools.is_empty());
+    }
+
+    #[tokio::test]
+    async fn state_survives_reopen_of_sled() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tc, clock) = TestClock::new();
+        let pools = vec![
+            spec("default", "10.244.0.0/16", 26, &[]),
+            spec("blue", "10.50.0.0/24", 28, &["blue"]),
+        ];
+        let (before_allocs, before_blocks, before_pools, released) = {
+            let store = Arc::new(SledStore::open(dir.path()).unwrap());
+            let ipam = Ipam::open_with_clock(
+                opts(pools.clone()),
+                store,
+                Arc::new(LocalCluster),
+                clock.clone(),
+            )
+            .await
+            .unwrap();
+            for i in 0..20 {
+                let mut p = params(i);
+                if i % 3 == 0 {
+                    p.pod.namespace = "blue".into();
+                }
+                ipam.allocate(p).await.unwrap();
+            }
+            let released = ipam.release(&params(4).key).await.unwrap().unwrap();
+            ipam.release(&params(9).key).await.unwrap();
+            (
+                ipam.allocations(&AllocationFilter::default()),
+                ipam.blocks(None),
+                ipam.pools(),
+                released,
+            )
+        };
+        // Reopen without the "blue" pool in the configuration: it still
+        // holds allocations, so it is kept.
+        let store = Arc::new(SledStore::open(dir.path()).unwrap());
+        let ipam = Ipam::open_with_clock(
+            opts(pools[..1].to_vec()),
+            store.clone(),
+            Arc::new(LocalCluster),
+            clock,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            ipam.allocations(&AllocationFilter::default()),
+            before_allocs
+        );
+        assert_eq!(ipam.blocks(None), before_blocks);
+        assert_eq!(ipam.pools(), before_pools);
+        assert!(ipam.check_consistency().unwrap().is_empty());
+        // The cooldown survived the restart.
+        let mut p = params(100);
+        p.requested_ips = vec![released.ip];
+        assert!(matches!(
+            ipam.allocate(p.clone()).await,
+            Err(IpamError::AddressUnavailable { reason, .. }) if reason.contains("cooling")
+        ));
+        tc.advance(COOLDOWN_MS);
+        assert_eq!(ipam.allocate(p).await.unwrap().ip, released.ip);
+        // Idempotency across the restart.
+        let one = before_allocs
+            .iter()
+            .find(|a| a.key == params(1).key)
+            .unwrap();
+        assert_eq!(&ipam.allocate(params(1)).await.unwrap(), one);
+        let index: HashSet<Ipv4Addr> = store
+            .ip_index()
+            .unwrap()
+            .into_iter()
+            .map(|(ip, _)| ip)
+            .collect();
+        assert_eq!(index.len(), 19);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_allocations_on_sled() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SledStore::open(dir.path()).unwrap());
+        let ipam = Arc::new(
+            Ipam::open(
+                opts(vec![spec("default", "10.244.0.0/22", 28, &[])]),
+                store.clone(),
+                Arc::new(LocalCluster),
+            )
+            .await
+            .unwrap(),
+        );
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let ipam = ipam.clone();
+            tasks.push(tokio::spawn(async move {
+                // Every key twice, concurrently: both must get the same answer.
+                let (a, b) = tokio::join!(ipam.allocate(params(i)), ipam.allocate(params(i)));
+                let (a, b) = (a.unwrap(), b.unwrap());
+                assert_eq!(a, b);
+                a
+            }));
+        }
+        let mut ips = HashSet::new();
+        for t in tasks {
+            assert!(ips.insert(t.await.unwrap().ip));
+        }
+        // 200 addresses in /28 blocks (16 each) need exactly 13 blocks:
+        // no block was claimed that was not needed.
+        assert_eq!(ipam.owned_blocks().len(), 13);
+        assert!(ipam.check_consistency().unwrap().is_empty());
+        drop(ipam);
+        assert!(Arc::strong_count(&store) == 1);
+        let snap = store.load().unwrap();
+        assert_eq!(snap.allocations.len(), 200);
+    }
+
+    #[test]
+    fn store_error_is_reported() {
+        let e = IpamError::from(StoreError::Closed);
+        assert_eq!(e.to_string(), "store: store is closed");
     }
 }

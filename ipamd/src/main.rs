@@ -1,1 +1,308 @@
-fn main() {}
+//! ipamd: parse the configuration, open the core, program the node, serve
+//! gRPC on the Unix socket until SIGTERM/SIGINT. Everything else lives in
+//! the library.
+
+use std::io::{ErrorKind, IsTerminal};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use ferry_proto::v1::ipam_admin_server::IpamAdminServer;
+use ferry_proto::v1::ipam_server::IpamServer;
+use ipamd::cluster::local::LocalCluster;
+use ipamd::config::{Cli, Config};
+use ipamd::grpc::{AdminService, IpamService};
+use ipamd::ipam::Ipam;
+use ipamd::node::{self, Blackholes, NodeNet};
+use ipamd::reconcile::{Reconciler, SystemClock, unix_ms};
+use ipamd::store::sled::SledStore;
+use nix::sys::stat::{Mode, umask};
+use tokio::net::UnixListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::Server;
+use tracing::{info, warn};
+
+/// How long in-flight requests may take to finish after a stop signal.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = match Config::load(Cli::parse()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ipamd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(tracing_subscriber::EnvFilter::new(config.log_filter()))
+        .init();
+    match run(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ipamd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let started_unix_ms = unix_ms(SystemTime::now());
+    // Installed first: a stop signal during start-up is then handled as a
+    // graceful stop right after the server comes up, not a kill.
+    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    info!(
+        version = ferry_proto::CLIENT_VERSION,
+        node = %config.node_name,
+        socket = %config.socket.display(),
+        state_dir = %config.state_dir.display(),
+        pod_cidr = %config.pod_cidr,
+        "ipamd starting"
+    );
+    // Before touching state: a second ipamd must not steal a live socket.
+    clear_stale_socket(&config.socket)?;
+
+    let store = SledStore::open(&config.state_dir)
+        .with_context(|| format!("opening state in {}", config.state_dir.display()))?;
+    let ipam = Arc::new(
+        Ipam::open(
+            config.ipam_options(),
+            Arc::new(store),
+            Arc::new(LocalCluster),
+        )
+        .await
+        .context("opening the IPAM core")?,
+    );
+
+    // The node's dataplane: forwarding, blackholes, MTU.
+    if node::ensure_ip_forward(Path::new(node::IP_FORWARD)).context("enabling IP forwarding")? {
+        info!("enabled net.ipv4.ip_forward");
+    }
+    let net = NodeNet::new().context("netlink")?;
+    let mtu = match config.mtu {
+        Some(m) => m,
+        None => {
+            let underlay = net
+                .detect_underlay_mtu()
+                .await
+                .context("detecting the underlay MTU")?;
+            node::pod_mtu(underlay)
+        }
+    };
+    info!(mtu, "pod MTU");
+    let blackholes = Arc::new(Blackholes::new(Arc::new(net.clone())));
+    blackholes
+        .sync(|| ipam.owned_blocks())
+        .await
+        .context("installing blackhole routes for owned blocks")?;
+
+    let reconciler = Arc::new(Reconciler::new(
+        ipam.clone(),
+        Arc::new(net),
+        Arc::new(SystemClock),
+        config.stale_grace,
+    ));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status(
+            ferry_proto::HEALTH_SERVICE,
+            tonic_health::ServingStatus::Serving,
+        )
+        .await;
+
+    let listener = bind_socket(&config.socket)?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(reconcile_loop(
+        reconciler.clone(),
+        blackholes.clone(),
+        ipam.clone(),
+        config.reconcile_interval,
+        stop_rx.clone(),
+    ));
+    tasks.spawn(idle_block_loop(
+        ipam.clone(),
+        blackholes.clone(),
+        idle_check_interval(config.block_idle_grace),
+        stop_rx.clone(),
+    ));
+
+    let ipam_service = IpamService::new(
+        ipam.clone(),
+        mtu,
+        Some(blackholes.clone()),
+        config.state_dir.display().to_string(),
+        started_unix_ms,
+    );
+    let admin_service = AdminService::new(ipam.clone(), reconciler.clone());
+
+    let (signaled_tx, mut signaled_rx) = watch::channel(false);
+    let shutdown = async move {
+        tokio::select! {
+            _ = sigterm.recv() => info!("SIGTERM: stopping"),
+            _ = sigint.recv() => info!("SIGINT: stopping"),
+        }
+        let _ = signaled_tx.send(true);
+    };
+
+    info!(socket = %config.socket.display(), "serving");
+    let server = Server::builder()
+        .add_service(health_service)
+        .add_service(IpamServer::new(ipam_service))
+        .add_service(IpamAdminServer::new(admin_service))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown);
+    let drain_deadline = async move {
+        let _ = signaled_rx.wait_for(|s| *s).await;
+        tokio::time::sleep(DRAIN_TIMEOUT).await;
+    };
+    let served = tokio::select! {
+        r = server => r.context("gRPC server"),
+        () = drain_deadline => {
+            warn!("requests still running {DRAIN_TIMEOUT:?} after the stop signal; stopping anyway");
+            Ok(())
+        }
+    };
+
+    health
+        .set_service_status(
+            ferry_proto::HEALTH_SERVICE,
+            tonic_health::ServingStatus::NotServing,
+        )
+        .await;
+    // Let the loops finish what they are doing (a release must not stop
+    // half-way), then close the store by dropping the last handles.
+    let _ = stop_tx.send(true);
+    while tasks.join_next().await.is_some() {}
+    remove_socket(&config.socket);
+    served?;
+    info!("ipamd stopped");
+    Ok(())
+}
+
+/// Removes a socket file nobody answers on; refuses when someone does, or
+/// when the path is not a socket at all.
+fn clear_stale_socket(path: &Path) -> anyhow::Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("inspecting {}", path.display())),
+    };
+    if !meta.file_type().is_socket() {
+        bail!(
+            "{} exists and is not a socket; refusing to replace it",
+            path.display()
+        );
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => bail!(
+            "another ipamd is already serving on {}; refusing to start",
+            path.display()
+        ),
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused || e.kind() == ErrorKind::NotFound => {
+            warn!(socket = %path.display(), "removing stale socket");
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != ErrorKind::NotFound => {
+                    Err(e).with_context(|| format!("removing stale socket {}", path.display()))
+                }
+                _ => Ok(()),
+            }
+        }
+        Err(e) => Err(e).with_context(|| format!("probing existing socket {}", path.display())),
+    }
+}
+
+/// Binds with a umask that leaves the socket 0600 from its first moment,
+/// then sets the mode explicitly, all before anything is served.
+fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating socket directory {}", parent.display()))?;
+    }
+    let old = umask(Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    umask(old);
+    let listener = bound.with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 0600 {}", path.display()))?;
+    Ok(listener)
+}
+
+fn remove_socket(path: &Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => warn!(socket = %path.display(), error = %e, "cannot remove socket"),
+    }
+}
+
+/// Checking a few times per grace period keeps the give-back close to the
+/// grace without polling hard.
+fn idle_check_interval(grace: Duration) -> Duration {
+    (grace / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
+
+async fn reconcile_loop(
+    reconciler: Arc<Reconciler>,
+    blackholes: Arc<Blackholes>,
+    ipam: Arc<Ipam>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    // The first tick fires at once: reconcile at start.
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        match reconciler.run_once().await {
+            Ok(released) if !released.is_empty() => {
+                info!(count = released.len(), "reconcile released stale addresses")
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "reconcile failed"),
+        }
+        // Repairs routes someone else removed, and retries failed adds.
+        if let Err(e) = blackholes.sync(|| ipam.owned_blocks()).await {
+            warn!(error = %e, "blackhole route sync failed");
+        }
+    }
+}
+
+async fn idle_block_loop(
+    ipam: Arc<Ipam>,
+    blackholes: Arc<Blackholes>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        match ipam.release_idle_blocks().await {
+            Ok(released) if released.is_empty() => {}
+            Ok(released) => {
+                info!(blocks = ?released, "gave back idle blocks");
+                if let Err(e) = blackholes.sync(|| ipam.owned_blocks()).await {
+                    warn!(error = %e, "blackhole route sync failed");
+                }
+            }
+            Err(e) => warn!(error = %e, "releasing idle blocks failed"),
+        }
+    }
+}

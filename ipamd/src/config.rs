@@ -1,0 +1,681 @@
+//! ipamd's configuration: command-line flags merged over an optional TOML
+//! file merged over defaults (flag > file > default), then validated into
+//! [`Config`]. Errors name the offending key so an operator can fix it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+
+use crate::ipam::IpamOptions;
+use crate::model::{DEFAULT_POOL, PoolSpec};
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferry";
+pub const DEFAULT_POD_CIDR: &str = "10.244.0.0/16";
+pub const DEFAULT_BLOCK_SIZE: u8 = 26;
+pub const DEFAULT_COOLDOWN_SECS: u64 = 30;
+pub const DEFAULT_RECONCILE_INTERVAL_SECS: u64 = 60;
+pub const DEFAULT_STALE_GRACE_SECS: u64 = 300;
+pub const DEFAULT_BLOCK_IDLE_GRACE_SECS: u64 = 600;
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+
+/// The ipamd command line. Every flag is optional here so that a flag the
+/// operator did not give can fall back to the file, then to the default.
+#[derive(Debug, Default, Clone, Parser)]
+#[command(name = "ipamd", version, about = "ferry's per-node IPAM daemon")]
+pub struct Cli {
+    /// TOML file with any of the settings below (flags win over it).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Unix socket to serve gRPC on [default: /run/ferry/ipamd.sock].
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// State directory; the sled database lives in DIR/db [default: /var/lib/ferry].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// This node's name [default: the hostname].
+    #[arg(long, value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// CIDR of the default pool [default: 10.244.0.0/16].
+    #[arg(long, value_name = "CIDR")]
+    pub pod_cidr: Option<String>,
+    /// Prefix length of the per-node blocks [default: 26].
+    #[arg(long, value_name = "N")]
+    pub block_size: Option<u8>,
+    /// Seconds a freed address waits before reuse [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub cooldown: Option<u64>,
+    /// Seconds between reconcile passes [default: 60].
+    #[arg(long, value_name = "SECS")]
+    pub reconcile_interval: Option<u64>,
+    /// Seconds between the two looks before reconcile releases an address [default: 300].
+    #[arg(long, value_name = "SECS")]
+    pub stale_grace: Option<u64>,
+    /// Seconds a block must sit empty before it is given back [default: 600].
+    #[arg(long, value_name = "SECS")]
+    pub block_idle_grace: Option<u64>,
+    /// Pod MTU; 0 = auto (underlay MTU - 20 for IPIP) [default: 0].
+    #[arg(long, value_name = "N")]
+    pub mtu: Option<u32>,
+    /// tracing level or filter directive [default: info].
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+}
+
+/// The TOML file. Unknown keys are rejected so that a typo is not silently
+/// ignored.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub socket: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub node_name: Option<String>,
+    pub pod_cidr: Option<String>,
+    pub block_size: Option<u8>,
+    pub cooldown: Option<u64>,
+    pub reconcile_interval: Option<u64>,
+    pub stale_grace: Option<u64>,
+    pub block_idle_grace: Option<u64>,
+    pub mtu: Option<u32>,
+    pub log_level: Option<String>,
+    #[serde(default)]
+    pub pools: Vec<FilePool>,
+}
+
+/// One `[[pools]]` table: a namespace pool besides the default one.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilePool {
+    pub name: String,
+    pub cidr: String,
+    /// Defaults to the global block_size.
+    pub block_size: Option<u8>,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    #[serde(default)]
+    pub nat_outgoing: bool,
+    pub snat_address: Option<String>,
+    #[serde(default)]
+    pub isolated: bool,
+    #[serde(default)]
+    pub allow_from: Vec<String>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub node_name: String,
+    pub pod_cidr: Ipv4Net,
+    pub block_size: u8,
+    pub cooldown: Duration,
+    pub reconcile_interval: Duration,
+    pub stale_grace: Duration,
+    pub block_idle_grace: Duration,
+    /// None = detect from the underlay.
+    pub mtu: Option<u32>,
+    pub log_level: String,
+    /// Every pool, the default one (from pod_cidr) first.
+    pub pools: Vec<PoolSpec>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Reads the file named by `--config` (if any), merges and validates.
+    pub fn load(cli: Cli) -> Result<Config, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        Config::merge(cli, file, hostname)
+    }
+
+    /// flag > file > default. `default_node` is only called when neither
+    /// gives a node name.
+    pub fn merge(
+        cli: Cli,
+        file: FileConfig,
+        default_node: impl FnOnce() -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let socket = cli
+            .socket
+            .or(file.socket)
+            .unwrap_or_else(|| PathBuf::from(ferry_proto::DEFAULT_SOCKET));
+        if socket.as_os_str().is_empty() {
+            return Err(invalid("socket", "must not be empty"));
+        }
+        let state_dir = cli
+            .state_dir
+            .or(file.state_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        if state_dir.as_os_str().is_empty() {
+            return Err(invalid("state_dir", "must not be empty"));
+        }
+
+        let node_name = match cli.node_name.or(file.node_name) {
+            Some(name) => name,
+            None => default_node()
+                .ok_or_else(|| invalid("node_name", "not set and the hostname is unavailable"))?,
+        };
+        let node_name = node_name.trim().to_string();
+        if node_name.is_empty() {
+            return Err(invalid("node_name", "must not be empty"));
+        }
+
+        let pod_cidr_text = cli
+            .pod_cidr
+            .or(file.pod_cidr)
+            .unwrap_or_else(|| DEFAULT_POD_CIDR.to_string());
+        let pod_cidr = parse_network("pod_cidr", &pod_cidr_text)?;
+        let block_size = cli
+            .block_size
+            .or(file.block_size)
+            .unwrap_or(DEFAULT_BLOCK_SIZE);
+        check_block_size("block_size", pod_cidr, block_size)?;
+
+        let secs = |flag: Option<u64>, file: Option<u64>, default: u64| {
+            Duration::from_secs(flag.or(file).unwrap_or(default))
+        };
+        let cooldown = secs(cli.cooldown, file.cooldown, DEFAULT_COOLDOWN_SECS);
+        let reconcile_interval = secs(
+            cli.reconcile_interval,
+            file.reconcile_interval,
+            DEFAULT_RECONCILE_INTERVAL_SECS,
+        );
+        if reconcile_interval.is_zero() {
+            return Err(invalid("reconcile_interval", "must be at least 1 second"));
+        }
+        let stale_grace = secs(cli.stale_grace, file.stale_grace, DEFAULT_STALE_GRACE_SECS);
+        let block_idle_grace = secs(
+            cli.block_idle_grace,
+            file.block_idle_grace,
+            DEFAULT_BLOCK_IDLE_GRACE_SECS,
+        );
+
+        let mtu = match cli.mtu.or(file.mtu).unwrap_or(0) {
+            0 => None,
+            // 576 is the smallest MTU every IPv4 host must accept; 68 is the
+            // absolute floor, but nothing useful runs that low.
+            m if (576..=65535).contains(&m) => Some(m),
+            m => {
+                return Err(invalid(
+                    "mtu",
+                    format!("{m} is out of range (0 = auto, else 576..=65535)"),
+                ));
+            }
+        };
+
+        let log_level = cli
+            .log_level
+            .or(file.log_level)
+            .unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_string());
+        if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() || log_level.is_empty() {
+            return Err(invalid(
+                "log_level",
+                format!("{log_level:?} is not a level (trace, debug, info, warn, error) or filter"),
+            ));
+        }
+
+        let default_pool = PoolSpec {
+            name: DEFAULT_POOL.to_string(),
+            cidr: pod_cidr,
+            block_size,
+            namespaces: Vec::new(),
+            nat_outgoing: false,
+            snat_address: None,
+            isolated: false,
+            allow_from: Vec::new(),
+        };
+        let mut pools = vec![default_pool];
+        for (i, p) in file.pools.iter().enumerate() {
+            pools.push(file_pool(i, p, block_size)?);
+        }
+        validate_pools(&pools)?;
+
+        Ok(Config {
+            socket,
+            state_dir,
+            node_name,
+            pod_cidr,
+            block_size,
+            cooldown,
+            reconcile_interval,
+            stale_grace,
+            block_idle_grace,
+            mtu,
+            log_level,
+            pools,
+        })
+    }
+
+    /// The tracing filter. A bare level applies to ferry's own code; its
+    /// libraries stay at info at most (sled's debug output drowns
+    /// everything). Anything else is taken as a full filter directive.
+    pub fn log_filter(&self) -> String {
+        const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+        let level = self.log_level.trim().to_ascii_lowercase();
+        match LEVELS.iter().position(|l| *l == level) {
+            Some(i) => {
+                let deps = LEVELS[i.min(3)];
+                format!("{deps},ipamd={level},ferry_proto={level},ipamctl={level}")
+            }
+            None => self.log_level.clone(),
+        }
+    }
+
+    pub fn ipam_options(&self) -> IpamOptions {
+        IpamOptions {
+            node: self.node_name.clone(),
+            pools: self.pools.clone(),
+            cooldown: self.cooldown,
+            block_idle_grace: self.block_idle_grace,
+        }
+    }
+}
+
+pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_file(path, &text)
+}
+
+pub fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+    // toml's message already names the key and line.
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string().trim_end().to_string(),
+    })
+}
+
+fn hostname() -> Option<String> {
+    let name = nix::unistd::gethostname().ok()?;
+    let name = name.into_string().ok()?;
+    (!name.is_empty()).then_some(name)
+}
+
+/// A CIDR whose host bits are zero; naming the fix when they are not.
+pub fn parse_network(key: &str, text: &str) -> Result<Ipv4Net, ConfigError> {
+    let net: Ipv4Net = text.trim().parse().map_err(|_| {
+        invalid(
+            key,
+            format!("{text:?} is not an IPv4 CIDR (like 10.244.0.0/16)"),
+        )
+    })?;
+    if net.trunc() != net {
+        return Err(invalid(
+            key,
+            format!("{net} has host bits set; did you mean {}?", net.trunc()),
+        ));
+    }
+    Ok(net)
+}
+
+pub fn check_block_size(key: &str, cidr: Ipv4Net, block_size: u8) -> Result<(), ConfigError> {
+    if block_size < cidr.prefix_len() || block_size > 32 {
+        return Err(invalid(
+            key,
+            format!(
+                "{block_size} must be between the pool's prefix length {} and 32",
+                cidr.prefix_len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn file_pool(i: usize, p: &FilePool, default_block: u8) -> Result<PoolSpec, ConfigError> {
+    let key = |field: &str| format!("pools[{i}].{field}");
+    let name = p.name.trim();
+    if name.is_empty() {
+        return Err(invalid(key("name"), "must not be empty"));
+    }
+    let cidr = parse_network(&key("cidr"), &p.cidr)?;
+    let block_size = p.block_size.unwrap_or(default_block.max(cidr.prefix_len()));
+    check_block_size(&key("block_size"), cidr, block_size)?;
+    let snat_address =
+        match p.snat_address.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(s) => Some(s.parse::<Ipv4Addr>().map_err(|_| {
+                invalid(key("snat_address"), format!("{s:?} is not an IPv4 address"))
+            })?),
+        };
+    Ok(PoolSpec {
+        name: name.to_string(),
+        cidr,
+        block_size,
+        namespaces: p.namespaces.iter().map(|n| n.trim().to_string()).collect(),
+        nat_outgoing: p.nat_outgoing,
+        snat_address,
+        isolated: p.isolated,
+        allow_from: p.allow_from.iter().map(|n| n.trim().to_string()).collect(),
+    })
+}
+
+/// Checks a whole pool set: unique names, exactly one default, no
+/// overlapping CIDRs, no namespace served twice, allow_from names known.
+pub fn validate_pools(pools: &[PoolSpec]) -> Result<(), ConfigError> {
+    let key = |i: usize, field: &str| {
+        if pools[i].name == DEFAULT_POOL && i == 0 {
+            // The default pool comes from top-level keys.
+            match field {
+                "cidr" => "pod_cidr".to_string(),
+                other => other.to_string(),
+            }
+        } else {
+            format!("pools[{}].{field}", i.saturating_sub(1))
+        }
+    };
+    let mut names = BTreeSet::new();
+    let mut namespaces: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut defaults = Vec::new();
+    for (i, p) in pools.iter().enumerate() {
+        if !names.insert(p.name.as_str()) {
+            return Err(invalid(
+                key(i, "name"),
+                format!("pool name {:?} is used twice", p.name),
+            ));
+        }
+        if p.namespaces.is_empty() {
+            defaults.push(i);
+        }
+        for ns in &p.namespaces {
+            if ns.is_empty() {
+                return Err(invalid(key(i, "namespaces"), "holds an empty name"));
+            }
+            if let Some(other) = namespaces.insert(ns, &p.name) {
+                return Err(invalid(
+                    key(i, "namespaces"),
+                    format!(
+                        "namespace {ns:?} is served by both pool {other:?} and pool {:?}",
+                        p.name
+                    ),
+                ));
+            }
+        }
+        for (j, q) in pools.iter().enumerate().take(i) {
+            if p.cidr.contains(&q.cidr.network()) || q.cidr.contains(&p.cidr.network()) {
+                return Err(invalid(
+                    key(i, "cidr"),
+                    format!(
+                        "{} (pool {:?}) overlaps {} (pool {:?}, {})",
+                        p.cidr,
+                        p.name,
+                        q.cidr,
+                        q.name,
+                        key(j, "cidr")
+                    ),
+                ));
+            }
+        }
+    }
+    if defaults.len() != 1 {
+        let which: Vec<&str> = defaults.iter().map(|&i| pools[i].name.as_str()).collect();
+        return Err(invalid(
+            "pools",
+            format!(
+                "exactly one pool may serve no namespaces (the default, from pod_cidr); these do: {which:?}; give each [[pools]] entry namespaces"
+            ),
+        ));
+    }
+    for (i, p) in pools.iter().enumerate() {
+        for from in &p.allow_from {
+            if !names.contains(from.as_str()) {
+                return Err(invalid(
+                    key(i, "allow_from"),
+                    format!("names unknown pool {from:?}"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node() -> Option<String> {
+        Some("host-a".to_string())
+    }
+
+    fn parse(text: &str) -> FileConfig {
+        parse_file(Path::new("test.toml"), text).expect("parses")
+    }
+
+    fn err_text(r: Result<Config, ConfigError>) -> String {
+        r.expect_err("should fail").to_string()
+    }
+
+    #[test]
+    fn defaults_apply_when_nothing_is_given() {
+        let c = Config::merge(Cli::default(), FileConfig::default(), node).unwrap();
+        assert_eq!(c.socket, PathBuf::from("/run/ferry/ipamd.sock"));
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/ferry"));
+        assert_eq!(c.node_name, "host-a");
+        assert_eq!(c.pod_cidr, "10.244.0.0/16".parse::<Ipv4Net>().unwrap());
+        assert_eq!(c.block_size, 26);
+        assert_eq!(c.cooldown, Duration::from_secs(30));
+        assert_eq!(c.reconcile_interval, Duration::from_secs(60));
+        assert_eq!(c.stale_grace, Duration::from_secs(300));
+        assert_eq!(c.block_idle_grace, Duration::from_secs(600));
+        assert_eq!(c.mtu, None);
+        assert_eq!(c.log_level, "info");
+        assert_eq!(c.pools.len(), 1);
+        assert_eq!(c.pools[0].name, "default");
+        assert!(c.pools[0].is_default());
+        let o = c.ipam_options();
+        assert_eq!(o.node, "host-a");
+        assert_eq!(o.pools, c.pools);
+    }
+
+    #[test]
+    fn flag_beats_file_beats_default() {
+        let file = parse(
+            r#"
+            socket = "/tmp/file.sock"
+            node_name = "from-file"
+            pod_cidr = "10.50.0.0/16"
+            block_size = 24
+            cooldown = 5
+            mtu = 1400
+            "#,
+        );
+        let cli = Cli::try_parse_from([
+            "ipamd",
+            "--socket",
+            "/tmp/flag.sock",
+            "--block-size",
+            "28",
+            "--mtu",
+            "0",
+        ])
+        .unwrap();
+        let c = Config::merge(cli, file, || panic!("hostname not needed")).unwrap();
+        assert_eq!(c.socket, PathBuf::from("/tmp/flag.sock"));
+        assert_eq!(c.node_name, "from-file");
+        assert_eq!(c.pod_cidr.to_string(), "10.50.0.0/16");
+        assert_eq!(c.block_size, 28);
+        assert_eq!(c.cooldown, Duration::from_secs(5));
+        // An explicit 0 on the command line means auto, over the file's 1400.
+        assert_eq!(c.mtu, None);
+        assert_eq!(c.reconcile_interval, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn pools_from_file() {
+        let file = parse(
+            r#"
+            pod_cidr = "10.244.0.0/16"
+            [[pools]]
+            name = "team-a"
+            cidr = "10.99.0.0/20"
+            block_size = 28
+            namespaces = ["a", "a-staging"]
+            nat_outgoing = true
+            snat_address = "192.0.2.10"
+            isolated = true
+            allow_from = ["default"]
+            [[pools]]
+            name = "team-b"
+            cidr = "10.98.0.0/24"
+            namespaces = ["b"]
+            "#,
+        );
+        let c = Config::merge(Cli::default(), file, node).unwrap();
+        assert_eq!(c.pools.len(), 3);
+        let a = &c.pools[1];
+        assert_eq!(a.name, "team-a");
+        assert_eq!(a.block_size, 28);
+        assert_eq!(a.snat_address, Some(Ipv4Addr::new(192, 0, 2, 10)));
+        assert!(a.nat_outgoing && a.isolated);
+        assert_eq!(a.allow_from, vec!["default".to_string()]);
+        // Inherits the global block size.
+        assert_eq!(c.pools[2].block_size, 26);
+    }
+
+    #[test]
+    fn bad_pod_cidr_names_the_key() {
+        let cli = Cli::try_parse_from(["ipamd", "--pod-cidr", "10.244.0.0/33"]).unwrap();
+        let msg = err_text(Config::merge(cli, FileConfig::default(), node));
+        assert!(msg.contains("pod_cidr"), "{msg}");
+        let cli = Cli::try_parse_from(["ipamd", "--pod-cidr", "10.244.1.0/16"]).unwrap();
+        let msg = err_text(Config::merge(cli, FileConfig::default(), node));
+        assert!(
+            msg.contains("pod_cidr") && msg.contains("10.244.0.0/16"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn block_size_must_fit_the_pool() {
+        let cli = Cli::try_parse_from(["ipamd", "--block-size", "8"]).unwrap();
+        let msg = err_text(Config::merge(cli, FileConfig::default(), node));
+        assert!(msg.contains("block_size") && msg.contains("16"), "{msg}");
+        let cli = Cli::try_parse_from(["ipamd", "--block-size", "33"]).unwrap();
+        assert!(err_text(Config::merge(cli, FileConfig::default(), node)).contains("block_size"));
+        let cli = Cli::try_parse_from(["ipamd", "--block-size", "32"]).unwrap();
+        assert_eq!(
+            Config::merge(cli, FileConfig::default(), node)
+                .unwrap()
+                .block_size,
+            32
+        );
+    }
+
+    #[test]
+    fn invalid_pools_are_named() {
+        let cases = [
+            (
+                "[[pools]]\nname = \"x\"\ncidr = \"10.244.8.0/24\"\nnamespaces = [\"x\"]",
+                "pools[0].cidr",
+            ),
+            (
+                "[[pools]]\nname = \"x\"\ncidr = \"bogus\"\nnamespaces = [\"x\"]",
+                "pools[0].cidr",
+            ),
+            ("[[pools]]\nname = \"x\"\ncidr = \"10.9.0.0/24\"", "pools"),
+            (
+                "[[pools]]\nname = \"x\"\ncidr = \"10.9.0.0/24\"\nnamespaces = [\"x\"]\nblock_size = 20",
+                "pools[0].block_size",
+            ),
+            (
+                "[[pools]]\nname = \"x\"\ncidr = \"10.9.0.0/24\"\nnamespaces = [\"x\"]\nsnat_address = \"nope\"",
+                "pools[0].snat_address",
+            ),
+            (
+                "[[pools]]\nname = \"default\"\ncidr = \"10.9.0.0/24\"\nnamespaces = [\"x\"]",
+                "pools[0].name",
+            ),
+            (
+                "[[pools]]\nname = \"x\"\ncidr = \"10.9.0.0/24\"\nnamespaces = [\"x\"]\n[[pools]]\nname = \"y\"\ncidr = \"10.8.0.0/24\"\nnamespaces = [\"x\"]",
+                "pools[1].namespaces",
+            ),
+            (
+                "[[pools]]\nname = \"x\"\ncidr = \"10.9.0.0/24\"\nnamespaces = [\"x\"]\nallow_from = [\"ghost\"]",
+                "pools[0].allow_from",
+            ),
+        ];
+        for (text, key) in cases {
+            let msg = err_text(Config::merge(Cli::default(), parse(text), node));
+            assert!(msg.contains(key), "{key}: {msg}");
+        }
+    }
+
+    #[test]
+    fn file_errors_name_the_key() {
+        let e = parse_file(Path::new("f.toml"), "block_size = 300").unwrap_err();
+        assert!(e.to_string().contains("block_size"), "{e}");
+        let e = parse_file(Path::new("f.toml"), "sokcet = \"/x\"").unwrap_err();
+        assert!(e.to_string().contains("sokcet"), "{e}");
+    }
+
+    #[test]
+    fn bare_levels_keep_libraries_quiet() {
+        let with = |level: &str| {
+            let cli = Cli::try_parse_from(["ipamd", "--log-level", level]).unwrap();
+            Config::merge(cli, FileConfig::default(), node)
+                .unwrap()
+                .log_filter()
+        };
+        assert_eq!(
+            with("debug"),
+            "info,ipamd=debug,ferry_proto=debug,ipamctl=debug"
+        );
+        assert_eq!(
+            with("warn"),
+            "warn,ipamd=warn,ferry_proto=warn,ipamctl=warn"
+        );
+        assert_eq!(with("sled=debug,ipamd=trace"), "sled=debug,ipamd=trace");
+    }
+
+    #[test]
+    fn other_checks() {
+        let cli = Cli::try_parse_from(["ipamd", "--mtu", "100"]).unwrap();
+        assert!(err_text(Config::merge(cli, FileConfig::default(), node)).contains("mtu"));
+        let cli = Cli::try_parse_from(["ipamd", "--reconcile-interval", "0"]).unwrap();
+        assert!(
+            err_text(Config::merge(cli, FileConfig::default(), node))
+                .contains("reconcile_interval")
+        );
+        let cli = Cli::try_parse_from(["ipamd", "--log-level", "lo[ud"]).unwrap();
+        assert!(err_text(Config::merge(cli, FileConfig::default(), node)).contains("log_level"));
+        assert!(
+            err_text(Config::merge(Cli::default(), FileConfig::default(), || {
+                None
+            }))
+            .contains("node_name")
+        );
+        let cli = Cli::try_parse_from(["ipamd", "--mtu", "1450"]).unwrap();
+        assert_eq!(
+            Config::merge(cli, FileConfig::default(), node).unwrap().mtu,
+            Some(1450)
+        );
+    }
+}

@@ -1,0 +1,289 @@
+//! The node-level dataplane in ipamd's own network namespace (always the
+//! node's): IP forwarding, a blackhole route per owned block, the pod MTU,
+//! and the host veths reconcile compares against.
+//!
+//! Reconcile and the block-route bookkeeping talk to narrow traits so that
+//! their logic runs in unit tests without netlink; [`NodeNet`] is the real
+//! implementation.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ipnet::Ipv4Net;
+use tokio::sync::Mutex;
+
+use crate::store::BoxFuture;
+
+mod netlink;
+mod sysctl;
+
+pub use netlink::NodeNet;
+pub use sysctl::{IP_FORWARD, ensure_ip_forward};
+
+/// Route protocol number marking ferry's routes, so that ferry only ever
+/// lists or removes routes it added itself.
+pub const ROUTE_PROTOCOL: u8 = 0x66;
+
+/// Bytes an IPIP header adds; the pod MTU is the underlay's minus this.
+pub const IPIP_OVERHEAD: u32 = 20;
+
+/// Used when no usable interface tells us the underlay MTU.
+pub const FALLBACK_UNDERLAY_MTU: u32 = 1500;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("netlink {op}: {source}")]
+    Netlink {
+        op: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("cannot open a netlink socket: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What reconcile needs from the host: the names of ferry's host veths.
+pub trait HostLinks: Send + Sync {
+    /// Names of links in this netns that start with `fry`.
+    fn fry_links(&self) -> BoxFuture<'_, Result<Vec<String>, NodeError>>;
+}
+
+/// Blackhole routes for owned blocks, marked with [`ROUTE_PROTOCOL`].
+pub trait BlockRoutes: Send + Sync {
+    /// Idempotent: an existing route is success.
+    fn add_blackhole(&self, block: Ipv4Net) -> BoxFuture<'_, Result<(), NodeError>>;
+    /// Idempotent: a missing route is success.
+    fn remove_blackhole(&self, block: Ipv4Net) -> BoxFuture<'_, Result<(), NodeError>>;
+    /// The blackhole routes ferry added (by protocol).
+    fn blackholes(&self) -> BoxFuture<'_, Result<Vec<Ipv4Net>, NodeError>>;
+}
+
+/// Keeps one blackhole route per owned block. `ensure` is cheap on the
+/// allocation path (a set lookup once the block is known); `sync` converges
+/// on the full set after blocks were given back, and repairs drift.
+pub struct Blackholes {
+    routes: Arc<dyn BlockRoutes>,
+    known: Mutex<BTreeSet<Ipv4Net>>,
+}
+
+impl Blackholes {
+    pub fn new(routes: Arc<dyn BlockRoutes>) -> Self {
+        Blackholes {
+            routes,
+            known: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    /// Makes sure `block` has its route; called after each allocation since
+    /// the allocation may have claimed a new block.
+    pub async fn ensure(&self, block: Ipv4Net) -> Result<(), NodeError> {
+        let mut known = self.known.lock().await;
+        if known.contains(&block) {
+            return Ok(());
+        }
+        self.routes.add_blackhole(block).await?;
+        tracing::info!(%block, "added blackhole route for owned block");
+        known.insert(block);
+        Ok(())
+    }
+
+    /// Converges the routes on `owned()`. The closure runs under the lock so
+    /// that a block claimed concurrently is either in the snapshot or added
+    /// by its own `ensure` afterwards, never removed by a stale snapshot.
+    pub async fn sync(&self, owned: impl FnOnce() -> Vec<Ipv4Net>) -> Result<(), NodeError> {
+        let mut known = self.known.lock().await;
+        let want: BTreeSet<Ipv4Net> = owned().into_iter().collect();
+        let have: BTreeSet<Ipv4Net> = self.routes.blackholes().await?.into_iter().collect();
+        // Try every change, report the first failure: one bad route must not
+        // keep the others from converging.
+        let mut first_err = None;
+        for block in want.difference(&have) {
+            match self.routes.add_blackhole(*block).await {
+                Ok(()) => tracing::info!(%block, "added blackhole route for owned block"),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        for block in have.difference(&want) {
+            match self.routes.remove_blackhole(*block).await {
+                Ok(()) => tracing::info!(%block, "removed blackhole route of released block"),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        *known = want;
+        match first_err {
+            Some(e) => {
+                // Forget what we know so the next ensure/sync retries.
+                known.clear();
+                Err(e)
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+/// One interface as the MTU detection sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub index: u32,
+    pub name: String,
+    pub mtu: u32,
+    pub up: bool,
+    pub loopback: bool,
+}
+
+/// The underlay MTU: that of the interface holding the default route, else
+/// the smallest of the up, non-loopback, non-ferry interfaces, else 1500.
+pub fn underlay_mtu(links: &[LinkInfo], default_route_oif: Option<u32>) -> u32 {
+    let via_default = default_route_oif
+        .and_then(|oif| links.iter().find(|l| l.index == oif))
+        .filter(|l| l.mtu > 0);
+    if let Some(link) = via_default {
+        return link.mtu;
+    }
+    links
+        .iter()
+        .filter(|l| {
+            l.up && !l.loopback && l.mtu > 0 && !l.name.starts_with(ferry_proto::HOST_VETH_PREFIX)
+        })
+        .map(|l| l.mtu)
+        .min()
+        .unwrap_or(FALLBACK_UNDERLAY_MTU)
+}
+
+/// The MTU pods get: underlay minus IPIP overhead.
+pub fn pod_mtu(underlay: u32) -> u32 {
+    underlay.saturating_sub(IPIP_OVERHEAD)
+}
+
+#[cfg(test)]
+pub mod fake {
+    //! In-memory stand-ins for the host, for unit tests.
+
+    use std::collections::BTreeSet;
+    use std::sync::Mutex;
+
+    use ipnet::Ipv4Net;
+
+    use super::{BlockRoutes, HostLinks, NodeError};
+    use crate::store::BoxFuture;
+
+    #[derive(Default)]
+    pub struct FakeHost {
+        pub links: Mutex<Vec<String>>,
+        pub routes: Mutex<BTreeSet<Ipv4Net>>,
+        pub route_ops: Mutex<Vec<String>>,
+    }
+
+    impl FakeHost {
+        pub fn set_links(&self, links: &[&str]) {
+            *self.links.lock().unwrap() = links.iter().map(|s| s.to_string()).collect();
+        }
+    }
+
+    impl HostLinks for FakeHost {
+        fn fry_links(&self) -> BoxFuture<'_, Result<Vec<String>, NodeError>> {
+            let links = self.links.lock().unwrap().clone();
+            Box::pin(async move { Ok(links) })
+        }
+    }
+
+    impl BlockRoutes for FakeHost {
+        fn add_blackhole(&self, block: Ipv4Net) -> BoxFuture<'_, Result<(), NodeError>> {
+            self.route_ops.lock().unwrap().push(format!("add {block}"));
+            self.routes.lock().unwrap().insert(block);
+            Box::pin(async { Ok(()) })
+        }
+        fn remove_blackhole(&self, block: Ipv4Net) -> BoxFuture<'_, Result<(), NodeError>> {
+            self.route_ops.lock().unwrap().push(format!("del {block}"));
+            self.routes.lock().unwrap().remove(&block);
+            Box::pin(async { Ok(()) })
+        }
+        fn blackholes(&self) -> BoxFuture<'_, Result<Vec<Ipv4Net>, NodeError>> {
+            let routes = self.routes.lock().unwrap().iter().copied().collect();
+            Box::pin(async move { Ok(routes) })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(index: u32, name: &str, mtu: u32, up: bool) -> LinkInfo {
+        LinkInfo {
+            index,
+            name: name.to_string(),
+            mtu,
+            up,
+            loopback: name == "lo",
+        }
+    }
+
+    #[test]
+    fn mtu_prefers_the_default_route_interface() {
+        let links = [
+            link(1, "lo", 65536, true),
+            link(2, "eth0", 9000, true),
+            link(3, "eth1", 1400, true),
+        ];
+        assert_eq!(underlay_mtu(&links, Some(2)), 9000);
+        assert_eq!(pod_mtu(underlay_mtu(&links, Some(2))), 8980);
+    }
+
+    #[test]
+    fn mtu_falls_back_to_smallest_usable_then_1500() {
+        let links = [
+            link(1, "lo", 65536, true),
+            link(2, "eth0", 9000, true),
+            link(3, "eth1", 1450, true),
+            link(4, "eth2", 1200, false),
+            link(5, "fry0123456789a", 1000, true),
+        ];
+        assert_eq!(underlay_mtu(&links, None), 1450);
+        // A default route through a link we do not see falls back too.
+        assert_eq!(underlay_mtu(&links, Some(42)), 1450);
+        assert_eq!(underlay_mtu(&links[..1], None), 1500);
+        assert_eq!(underlay_mtu(&[], None), 1500);
+        assert_eq!(pod_mtu(1500), 1480);
+    }
+
+    #[tokio::test]
+    async fn blackholes_sync_and_ensure() {
+        let host = Arc::new(fake::FakeHost::default());
+        let a: Ipv4Net = "10.244.0.0/26".parse().unwrap();
+        let b: Ipv4Net = "10.244.0.64/26".parse().unwrap();
+        let stale: Ipv4Net = "10.244.9.0/26".parse().unwrap();
+        host.routes.lock().unwrap().insert(stale);
+        let bh = Blackholes::new(host.clone());
+        bh.sync(|| vec![a]).await.unwrap();
+        assert_eq!(
+            host.routes
+                .lock()
+                .unwrap()
+                .iter()
+                .copied()
+                .collect::<Vec<_>>(),
+            vec![a]
+        );
+        host.route_ops.lock().unwrap().clear();
+        // Known block: no netlink traffic.
+        bh.ensure(a).await.unwrap();
+        assert!(host.route_ops.lock().unwrap().is_empty());
+        bh.ensure(b).await.unwrap();
+        assert_eq!(*host.route_ops.lock().unwrap(), vec![format!("add {b}")]);
+        // b given back.
+        bh.sync(|| vec![a]).await.unwrap();
+        assert!(!host.routes.lock().unwrap().contains(&b));
+    }
+}

@@ -1,0 +1,256 @@
+//! rtnetlink implementation of the node traits, on one netlink socket in
+//! ipamd's own netns.
+
+use std::net::Ipv4Addr;
+
+use futures::TryStreamExt;
+use ipnet::Ipv4Net;
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType,
+};
+use rtnetlink::{Handle, RouteMessageBuilder};
+
+use super::{BlockRoutes, HostLinks, LinkInfo, NodeError, ROUTE_PROTOCOL, underlay_mtu};
+use crate::store::BoxFuture;
+
+const EEXIST: i32 = libc::EEXIST;
+const ESRCH: i32 = libc::ESRCH;
+
+/// The node's netns as netlink shows it.
+#[derive(Clone)]
+pub struct NodeNet {
+    handle: Handle,
+}
+
+impl NodeNet {
+    /// Opens the netlink socket; must run inside a tokio runtime, which
+    /// drives the connection.
+    pub fn new() -> Result<Self, NodeError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(NodeError::Connect)?;
+        tokio::spawn(conn);
+        Ok(NodeNet { handle })
+    }
+
+    async fn links(&self) -> Result<Vec<LinkMessage>, NodeError> {
+        self.handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| NodeError::Netlink {
+                op: "list links".into(),
+                source,
+            })
+    }
+
+    async fn ipv4_routes(&self) -> Result<Vec<RouteMessage>, NodeError> {
+        let query = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        self.handle
+            .route()
+            .get(query)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| NodeError::Netlink {
+                op: "list routes".into(),
+                source,
+            })
+    }
+
+    /// The underlay MTU (see [`underlay_mtu`]).
+    pub async fn detect_underlay_mtu(&self) -> Result<u32, NodeError> {
+        let links: Vec<LinkInfo> = self.links().await?.iter().map(link_info).collect();
+        let routes = self.ipv4_routes().await?;
+        Ok(underlay_mtu(&links, default_route_oif(&routes)))
+    }
+}
+
+fn link_info(msg: &LinkMessage) -> LinkInfo {
+    let mut info = LinkInfo {
+        index: msg.header.index,
+        name: String::new(),
+        mtu: 0,
+        up: msg.header.flags.contains(LinkFlags::Up),
+        loopback: msg.header.flags.contains(LinkFlags::Loopback),
+    };
+    for attr in &msg.attributes {
+        match attr {
+            LinkAttribute::IfName(name) => info.name = name.clone(),
+            LinkAttribute::Mtu(mtu) => info.mtu = *mtu,
+            _ => {}
+        }
+    }
+    info
+}
+
+/// The output interface of the main table's IPv4 default route with the
+/// lowest metric (first next hop when it is multipath).
+fn default_route_oif(routes: &[RouteMessage]) -> Option<u32> {
+    routes
+        .iter()
+        .filter(|r| {
+            r.header.destination_prefix_length == 0
+                && r.header.kind == RouteType::Unicast
+                && table_of(r) == u32::from(RouteHeader::RT_TABLE_MAIN)
+        })
+        .filter_map(|r| {
+            let mut oif = None;
+            let mut metric = 0u32;
+            for attr in &r.attributes {
+                match attr {
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    RouteAttribute::MultiPath(hops) if oif.is_none() => {
+                        oif = hops.first().map(|h| h.interface_index)
+                    }
+                    RouteAttribute::Priority(p) => metric = *p,
+                    _ => {}
+                }
+            }
+            oif.map(|o| (metric, o))
+        })
+        .min()
+        .map(|(_, oif)| oif)
+}
+
+fn table_of(r: &RouteMessage) -> u32 {
+    r.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(r.header.table))
+}
+
+fn destination(r: &RouteMessage) -> Option<Ipv4Net> {
+    r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(RouteAddress::Inet(ip)) => {
+            Ipv4Net::new(*ip, r.header.destination_prefix_length).ok()
+        }
+        _ => None,
+    })
+}
+
+fn blackhole_message(block: Ipv4Net) -> RouteMessage {
+    RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(block.network(), block.prefix_len())
+        .kind(RouteType::BlackHole)
+        .protocol(RouteProtocol::from(ROUTE_PROTOCOL))
+        .build()
+}
+
+/// The errno of a netlink NACK, positive.
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+        _ => None,
+    }
+}
+
+impl HostLinks for NodeNet {
+    fn fry_links(&self) -> BoxFuture<'_, Result<Vec<String>, NodeError>> {
+        Box::pin(async move {
+            Ok(self
+                .links()
+                .await?
+                .iter()
+                .map(link_info)
+                .map(|l| l.name)
+                .filter(|n| n.starts_with(ferry_proto::HOST_VETH_PREFIX))
+                .collect())
+        })
+    }
+}
+
+impl BlockRoutes for NodeNet {
+    fn add_blackhole(&self, block: Ipv4Net) -> BoxFuture<'_, Result<(), NodeError>> {
+        Box::pin(async move {
+            match self
+                .handle
+                .route()
+                .add(blackhole_message(block))
+                .execute()
+                .await
+            {
+                Ok(()) => Ok(()),
+                Err(e) if errno(&e) == Some(EEXIST) => Ok(()),
+                Err(source) => Err(NodeError::Netlink {
+                    op: format!("add blackhole route {block}"),
+                    source,
+                }),
+            }
+        })
+    }
+
+    fn remove_blackhole(&self, block: Ipv4Net) -> BoxFuture<'_, Result<(), NodeError>> {
+        Box::pin(async move {
+            match self
+                .handle
+                .route()
+                .del(blackhole_message(block))
+                .execute()
+                .await
+            {
+                Ok(()) => Ok(()),
+                Err(e) if errno(&e) == Some(ESRCH) => Ok(()),
+                Err(source) => Err(NodeError::Netlink {
+                    op: format!("delete blackhole route {block}"),
+                    source,
+                }),
+            }
+        })
+    }
+
+    fn blackholes(&self) -> BoxFuture<'_, Result<Vec<Ipv4Net>, NodeError>> {
+        Box::pin(async move {
+            Ok(self
+                .ipv4_routes()
+                .await?
+                .iter()
+                .filter(|r| {
+                    r.header.kind == RouteType::BlackHole
+                        && u8::from(r.header.protocol) == ROUTE_PROTOCOL
+                        && table_of(r) == u32::from(RouteHeader::RT_TABLE_MAIN)
+                })
+                .filter_map(destination)
+                .collect())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blackhole_message_is_marked_as_ours() {
+        let m = blackhole_message("10.244.1.0/26".parse().unwrap());
+        assert_eq!(m.header.kind, RouteType::BlackHole);
+        assert_eq!(u8::from(m.header.protocol), ROUTE_PROTOCOL);
+        assert_eq!(m.header.destination_prefix_length, 26);
+        assert_eq!(destination(&m), Some("10.244.1.0/26".parse().unwrap()));
+    }
+
+    #[test]
+    fn picks_lowest_metric_default_route() {
+        let mut a = RouteMessageBuilder::<Ipv4Addr>::new()
+            .output_interface(3)
+            .priority(200)
+            .build();
+        a.header.destination_prefix_length = 0;
+        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+            .output_interface(2)
+            .priority(100)
+            .build();
+        b.header.destination_prefix_length = 0;
+        let c = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(Ipv4Addr::new(10, 0, 0, 0), 8)
+            .output_interface(9)
+            .build();
+        assert_eq!(default_route_oif(&[a.clone(), b, c.clone()]), Some(2));
+        assert_eq!(default_route_oif(&[c]), None);
+        assert_eq!(default_route_oif(&[a]), Some(3));
+    }
+}

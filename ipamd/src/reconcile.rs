@@ -1,0 +1,505 @@
+//! Reconcile: compare IPAM allocations with the host veths that should carry
+//! them. An old allocation whose veth is gone is released only after two
+//! looks at least `stale_grace` apart, so a slow ADD or a passing glitch
+//! never costs a pod its address. Veths named `fry*` with no allocation are
+//! reported, never deleted: the plugin owns the dataplane.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::Mutex;
+
+use crate::error::IpamError;
+use crate::ipam::Ipam;
+use crate::model::{AllocKey, Allocation, AllocationFilter, Finding, FindingKind};
+use crate::node::{HostLinks, NodeError};
+
+pub trait Clock: Send + Sync {
+    fn now_unix_ms(&self) -> i64;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_unix_ms(&self) -> i64 {
+        unix_ms(SystemTime::now())
+    }
+}
+
+pub fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("listing host veths: {0}")]
+    Node(#[from] NodeError),
+    #[error(transparent)]
+    Ipam(#[from] IpamError),
+}
+
+/// When each suspect allocation was first seen without its veth. Kept in
+/// memory only: after a restart the two looks start over, which errs on
+/// the side of keeping addresses.
+#[derive(Debug, Default)]
+pub struct Observations {
+    /// Key -> (allocation's created_unix_ms, first look that found it missing).
+    first_missing: HashMap<AllocKey, (i64, i64)>,
+    /// Findings logged at the previous pass: repeating them every interval
+    /// at warn level would bury everything else.
+    logged: HashSet<String>,
+}
+
+/// The outcome of one look.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Decision {
+    pub findings: Vec<Finding>,
+    /// Allocations missing their veth at this look and at an earlier look at
+    /// least `grace` ago.
+    pub release: Vec<Allocation>,
+}
+
+/// The pure core of reconcile: one look at `allocations` and the `fry*`
+/// links present, at `now`.
+pub fn decide(
+    obs: &mut Observations,
+    allocations: &[Allocation],
+    links: &HashSet<String>,
+    now_ms: i64,
+    grace: Duration,
+) -> Decision {
+    let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+    let mut decision = Decision::default();
+    let mut expected = HashSet::new();
+    let mut still_missing = HashSet::new();
+
+    for a in allocations {
+        let veth = ferry_proto::host_veth_name(&a.key.container_id, &a.key.ifname);
+        let present = links.contains(&veth);
+        expected.insert(veth.clone());
+        // Young allocations may be mid-ADD, veth not created yet.
+        if present || now_ms.saturating_sub(a.created_unix_ms) < grace_ms {
+            continue;
+        }
+        still_missing.insert(a.key.clone());
+        let entry = obs
+            .first_missing
+            .entry(a.key.clone())
+            .or_insert((a.created_unix_ms, now_ms));
+        if entry.0 != a.created_unix_ms {
+            // The key was released and allocated again: a new allocation,
+            // a new first look.
+            *entry = (a.created_unix_ms, now_ms);
+        }
+        let first = entry.1;
+        let missing_for = now_ms.saturating_sub(first);
+        // Strictly an earlier look: with grace 0 one look is still not enough.
+        let release = first < now_ms && missing_for >= grace_ms;
+        let detail = if release {
+            format!(
+                "host veth {veth} of {}/{} ({}) missing since {} ms ago; releasing {}",
+                a.pod.namespace, a.pod.name, a.key.container_id, missing_for, a.ip
+            )
+        } else {
+            format!(
+                "host veth {veth} of {}/{} ({}) missing; {} is released if still missing {} s after the first look",
+                a.pod.namespace,
+                a.pod.name,
+                a.key.container_id,
+                a.ip,
+                grace.as_secs()
+            )
+        };
+        decision.findings.push(Finding {
+            kind: FindingKind::MissingVeth,
+            detail,
+            allocation: Some(a.clone()),
+        });
+        if release {
+            decision.release.push(a.clone());
+        }
+    }
+    // Forget keys that are gone or whose veth came back.
+    obs.first_missing.retain(|k, _| still_missing.contains(k));
+
+    let mut orphans: Vec<&String> = links
+        .iter()
+        .filter(|l| l.starts_with(ferry_proto::HOST_VETH_PREFIX) && !expected.contains(*l))
+        .collect();
+    orphans.sort();
+    for link in orphans {
+        decision.findings.push(Finding {
+            kind: FindingKind::OrphanVeth,
+            detail: format!("host veth {link} has no allocation (left alone)"),
+            allocation: None,
+        });
+    }
+    decision
+}
+
+pub struct Reconciler {
+    ipam: Arc<Ipam>,
+    links: Arc<dyn HostLinks>,
+    clock: Arc<dyn Clock>,
+    grace: Duration,
+    obs: Mutex<Observations>,
+}
+
+impl Reconciler {
+    pub fn new(
+        ipam: Arc<Ipam>,
+        links: Arc<dyn HostLinks>,
+        clock: Arc<dyn Clock>,
+        grace: Duration,
+    ) -> Self {
+        Reconciler {
+            ipam,
+            links,
+            clock,
+            grace,
+            obs: Mutex::new(Observations::default()),
+        }
+    }
+
+    async fn observe(&self, obs: &mut Observations) -> Result<Decision, ReconcileError> {
+        let links: HashSet<String> = self.links.fry_links().await?.into_iter().collect();
+        let allocations = self.ipam.allocations(&AllocationFilter::default());
+        Ok(decide(
+            obs,
+            &allocations,
+            &links,
+            self.clock.now_unix_ms(),
+            self.grace,
+        ))
+    }
+
+    /// One look, for CheckConsistency: records what it saw (it is a real
+    /// observation) but releases nothing.
+    pub async fn look(&self) -> Result<Vec<Finding>, ReconcileError> {
+        let mut obs = self.obs.lock().await;
+        Ok(self.observe(&mut obs).await?.findings)
+    }
+
+    /// One pass: look, log the findings, release what has been missing for
+    /// two looks a grace period apart. Returns what it released.
+    pub async fn run_once(&self) -> Result<Vec<Allocation>, ReconcileError> {
+        let mut obs = self.obs.lock().await;
+        let decision = self.observe(&mut obs).await?;
+        let mut logged = HashSet::new();
+        for f in &decision.findings {
+            if obs.logged.contains(&f.detail) {
+                tracing::debug!(kind = f.kind.as_str(), "{}", f.detail);
+            } else {
+                tracing::warn!(kind = f.kind.as_str(), "{}", f.detail);
+            }
+            logged.insert(f.detail.clone());
+        }
+        obs.logged = logged;
+        if decision.release.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Look at the host once more right before releasing: a veth that
+        // reappeared in the meantime wins.
+        let links: HashSet<String> = self.links.fry_links().await?.into_iter().collect();
+        let mut released = Vec::new();
+        for a in decision.release {
+            let veth = ferry_proto::host_veth_name(&a.key.container_id, &a.key.ifname);
+            if links.contains(&veth) {
+                continue;
+            }
+            // Only the very allocation we watched: not a newer one on the key.
+            match self.ipam.get(&a.key) {
+                Some(current) if current.created_unix_ms == a.created_unix_ms => {}
+                _ => continue,
+            }
+            match self.ipam.release(&a.key).await {
+                Ok(Some(r)) => {
+                    tracing::warn!(
+                        ip = %r.ip,
+                        container = %r.key.container_id,
+                        ifname = %r.key.ifname,
+                        "reconcile released an address whose host veth is gone"
+                    );
+                    obs.first_missing.remove(&a.key);
+                    released.push(r);
+                }
+                Ok(None) => {
+                    obs.first_missing.remove(&a.key);
+                }
+                Err(e) => {
+                    tracing::error!(ip = %a.ip, error = %e, "reconcile could not release");
+                }
+            }
+        }
+        Ok(released)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::PodMeta;
+
+    const GRACE: Duration = Duration::from_secs(300);
+    const S: i64 = 1000;
+
+    fn alloc(container: &str, created_ms: i64) -> Allocation {
+        Allocation {
+            key: AllocKey {
+                network: "ferry".into(),
+                container_id: container.into(),
+                ifname: "eth0".into(),
+            },
+            ip: "10.244.0.5".parse().unwrap(),
+            pool: "default".into(),
+            block: "10.244.0.0/26".parse().unwrap(),
+            pod: PodMeta {
+                namespace: "ns".into(),
+                name: "pod".into(),
+                uid: "uid".into(),
+                netns: "/var/run/netns/x".into(),
+            },
+            created_unix_ms: created_ms,
+        }
+    }
+
+    fn veth(a: &Allocation) -> String {
+        ferry_proto::host_veth_name(&a.key.container_id, &a.key.ifname)
+    }
+
+    fn links(names: &[&str]) -> HashSet<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn present_veth_is_fine_and_young_allocations_are_left_alone() {
+        let mut obs = Observations::default();
+        let a = alloc("aaa", 0);
+        let d = decide(
+            &mut obs,
+            std::slice::from_ref(&a),
+            &links(&[&veth(&a)]),
+            1000 * S,
+            GRACE,
+        );
+        assert_eq!(d, Decision::default());
+        // Missing but younger than the grace: maybe an ADD in progress.
+        let young = alloc("bbb", 900 * S);
+        let d = decide(&mut obs, &[young], &links(&[]), 1000 * S, GRACE);
+        assert_eq!(d, Decision::default());
+        assert!(obs.first_missing.is_empty());
+    }
+
+    #[test]
+    fn release_needs_two_looks_a_grace_apart() {
+        let mut obs = Observations::default();
+        let a = alloc("aaa", 0);
+        let none = links(&[]);
+        let t0 = 1000 * S;
+        let d = decide(&mut obs, std::slice::from_ref(&a), &none, t0, GRACE);
+        assert_eq!(d.findings.len(), 1);
+        assert_eq!(d.findings[0].kind, FindingKind::MissingVeth);
+        assert!(d.release.is_empty());
+        // Another look before the grace has passed: still only suspect.
+        let d = decide(
+            &mut obs,
+            std::slice::from_ref(&a),
+            &none,
+            t0 + 299 * S,
+            GRACE,
+        );
+        assert!(d.release.is_empty());
+        // A grace period after the first look: released.
+        let d = decide(
+            &mut obs,
+            std::slice::from_ref(&a),
+            &none,
+            t0 + 300 * S,
+            GRACE,
+        );
+        assert_eq!(d.release, vec![a]);
+    }
+
+    #[test]
+    fn a_veth_that_comes_back_resets_the_clock() {
+        let mut obs = Observations::default();
+        let a = alloc("aaa", 0);
+        let t0 = 1000 * S;
+        decide(&mut obs, std::slice::from_ref(&a), &links(&[]), t0, GRACE);
+        decide(
+            &mut obs,
+            std::slice::from_ref(&a),
+            &links(&[&veth(&a)]),
+            t0 + 100 * S,
+            GRACE,
+        );
+        let d = decide(
+            &mut obs,
+            std::slice::from_ref(&a),
+            &links(&[]),
+            t0 + 300 * S,
+            GRACE,
+        );
+        assert!(d.release.is_empty(), "first look was reset by the veth");
+        let d = decide(
+            &mut obs,
+            std::slice::from_ref(&a),
+            &links(&[]),
+            t0 + 600 * S,
+            GRACE,
+        );
+        assert_eq!(d.release, vec![a]);
+    }
+
+    #[test]
+    fn zero_grace_still_needs_an_earlier_look() {
+        let mut obs = Observations::default();
+        let a = alloc("aaa", 0);
+        let d = decide(
+            &mut obs,
+            std::slice::from_ref(&a),
+            &links(&[]),
+            10 * S,
+            Duration::ZERO,
+        );
+        assert!(d.release.is_empty());
+        let d = decide(
+            &mut obs,
+            std::slice::from_ref(&a),
+            &links(&[]),
+            11 * S,
+            Duration::ZERO,
+        );
+        assert_eq!(d.release, vec![a]);
+    }
+
+    #[test]
+    fn reallocated_key_starts_over() {
+        let mut obs = Observations::default();
+        let old = alloc("aaa", 0);
+        let t0 = 1000 * S;
+        decide(&mut obs, &[old], &links(&[]), t0, GRACE);
+        let new = alloc("aaa", t0 - 400 * S + 1);
+        let d = decide(&mut obs, &[new], &links(&[]), t0 + 300 * S, GRACE);
+        assert!(d.release.is_empty());
+    }
+
+    #[test]
+    fn orphan_veths_are_reported_not_released() {
+        let mut obs = Observations::default();
+        let a = alloc("aaa", 0);
+        let d = decide(
+            &mut obs,
+            std::slice::from_ref(&a),
+            &links(&[&veth(&a), "fryorphan00001", "eth0"]),
+            1000 * S,
+            GRACE,
+        );
+        assert_eq!(d.findings.len(), 1);
+        assert_eq!(d.findings[0].kind, FindingKind::OrphanVeth);
+        assert!(d.findings[0].detail.contains("fryorphan00001"));
+        assert!(d.release.is_empty());
+    }
+
+    /// A clock both the core and reconcile read, moved by the test.
+    struct TestClock(std::sync::atomic::AtomicI64);
+
+    impl Clock for TestClock {
+        fn now_unix_ms(&self) -> i64 {
+            self.0.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    #[tokio::test]
+    async fn reconciler_releases_through_the_core() {
+        use crate::cluster::local::LocalCluster;
+        use crate::ipam::IpamOptions;
+        use crate::model::{AllocateParams, PoolSpec};
+        use crate::node::fake::FakeHost;
+        use crate::store::memory::MemoryStore;
+        use std::sync::atomic::Ordering;
+
+        let clock = Arc::new(TestClock(std::sync::atomic::AtomicI64::new(1_000_000)));
+        let core_clock = clock.clone();
+        let ipam = Arc::new(
+            Ipam::open_with_clock(
+                IpamOptions {
+                    node: "n1".into(),
+                    pools: vec![PoolSpec {
+                        name: "default".into(),
+                        cidr: "10.244.0.0/24".parse().unwrap(),
+                        block_size: 26,
+                        namespaces: vec![],
+                        nat_outgoing: false,
+                        snat_address: None,
+                        isolated: false,
+                        allow_from: vec![],
+                    }],
+                    cooldown: Duration::from_secs(30),
+                    block_idle_grace: Duration::from_secs(600),
+                },
+                Arc::new(MemoryStore::new()),
+                Arc::new(LocalCluster),
+                Arc::new(move || core_clock.now_unix_ms()),
+            )
+            .await
+            .unwrap(),
+        );
+        let host = Arc::new(FakeHost::default());
+        let rec = Reconciler::new(ipam.clone(), host.clone(), clock.clone(), GRACE);
+        let mut keep = alloc("keep", 0);
+        let mut gone = alloc("gone", 0);
+        for a in [&mut keep, &mut gone] {
+            *a = ipam
+                .allocate(AllocateParams {
+                    key: a.key.clone(),
+                    pod: a.pod.clone(),
+                    requested_ips: vec![],
+                    pool_hint: None,
+                })
+                .await
+                .unwrap();
+        }
+        host.set_links(&[&veth(&keep), "fryorphan00001"]);
+        let advance = |secs: i64| clock.0.fetch_add(secs * S, Ordering::SeqCst);
+
+        // Young: nothing to say but the orphan.
+        let f = rec.look().await.unwrap();
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].kind, FindingKind::OrphanVeth);
+
+        advance(400);
+        assert!(rec.run_once().await.unwrap().is_empty(), "first look only");
+        advance(100);
+        assert!(
+            rec.run_once().await.unwrap().is_empty(),
+            "not a grace apart yet"
+        );
+        // The veth came back just before the release would happen.
+        advance(200);
+        host.set_links(&[&veth(&keep), &veth(&gone)]);
+        assert!(rec.run_once().await.unwrap().is_empty());
+        host.set_links(&[&veth(&keep)]);
+        advance(1);
+        assert!(rec.run_once().await.unwrap().is_empty(), "clock restarted");
+        advance(300);
+        let released = rec.run_once().await.unwrap();
+        assert_eq!(released.len(), 1);
+        assert_eq!(released[0].key, gone.key);
+        assert!(ipam.get(&gone.key).is_none());
+        assert!(ipam.get(&keep.key).is_some());
+    }
+
+    #[test]
+    fn forgotten_keys_are_dropped() {
+        let mut obs = Observations::default();
+        let a = alloc("aaa", 0);
+        decide(&mut obs, &[a], &links(&[]), 1000 * S, GRACE);
+        assert_eq!(obs.first_missing.len(), 1);
+        decide(&mut obs, &[], &links(&[]), 1001 * S, GRACE);
+        assert!(obs.first_missing.is_empty());
+    }
+}
