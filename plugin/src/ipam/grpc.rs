@@ -1,1 +1,314 @@
-//! gRPC IpamClient over the Unix socket.
+//! gRPC IpamClient over the Unix socket. The client owns a current-thread
+//! tokio runtime so `cmd.rs` stays synchronous, and connects on first use so
+//! that a DEL with ipamd down can still tear the dataplane down first.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_proto::v1 as pb;
+use ferry_proto::v1::ipam_client::IpamClient as RpcClient;
+use ipnet::Ipv4Net;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+use super::{IpamClient, IpamClientError, Key, Lease, PodInfo, Readiness};
+
+pub struct GrpcIpam {
+    socket: PathBuf,
+    timeout: Duration,
+    runtime: tokio::runtime::Runtime,
+    client: RefCell<Option<RpcClient<Channel>>>,
+}
+
+impl GrpcIpam {
+    /// Builds the runtime only; nothing touches the socket until the first call.
+    pub fn new(socket: &Path, timeout: Duration) -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        Ok(GrpcIpam {
+            socket: socket.to_path_buf(),
+            timeout,
+            runtime,
+            client: RefCell::new(None),
+        })
+    }
+
+    fn unreachable(&self, cause: impl std::fmt::Display) -> IpamClientError {
+        IpamClientError::Unreachable(format!(
+            "ipamd is not reachable at {}: {cause}",
+            self.socket.display()
+        ))
+    }
+
+    async fn client(&self) -> Result<RpcClient<Channel>, IpamClientError> {
+        if let Some(c) = self.client.borrow().as_ref() {
+            return Ok(c.clone());
+        }
+        let channel = ferry_proto::connect_uds(&self.socket, self.timeout)
+            .await
+            .map_err(|e| match e {
+                // The error already names the socket; keep the cause only.
+                ferry_proto::ConnectError::NoSocket { .. } => {
+                    self.unreachable("the socket does not exist (is ipamd running?)")
+                }
+                ferry_proto::ConnectError::Connect { source, .. } => {
+                    self.unreachable(error_chain(&source))
+                }
+            })?;
+        let client = RpcClient::new(channel);
+        *self.client.borrow_mut() = Some(client.clone());
+        Ok(client)
+    }
+
+    /// One RPC under the overall deadline (connect included).
+    fn call<T, F, Fut>(&self, rpc: F) -> Result<T, IpamClientError>
+    where
+        F: FnOnce(RpcClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let work = async {
+            let client = self.client().await?;
+            rpc(client)
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| self.map_status(s))
+        };
+        self.runtime
+            .block_on(async { tokio::time::timeout(self.timeout, work).await })
+            .unwrap_or_else(|_| {
+                Err(self.unreachable(format!("no answer within {} ms", self.timeout.as_millis())))
+            })
+    }
+
+    /// The one place a tonic Status becomes an IpamClientError (CONTRACTS.md).
+    fn map_status(&self, s: Status) -> IpamClientError {
+        let msg = s.message().to_string();
+        match s.code() {
+            Code::ResourceExhausted => IpamClientError::Exhausted(msg),
+            Code::AlreadyExists => IpamClientError::AddressUnavailable(msg),
+            Code::FailedPrecondition => IpamClientError::VersionMismatch(msg),
+            Code::InvalidArgument => IpamClientError::InvalidRequest(msg),
+            Code::DeadlineExceeded | Code::Cancelled => self.unreachable(msg),
+            // tonic reports a broken transport as UNAVAILABLE with the
+            // transport error as source; ipamd's own UNAVAILABLE has none.
+            Code::Unavailable if std::error::Error::source(&s).is_some() => {
+                self.unreachable(error_chain(&s))
+            }
+            Code::Unavailable => IpamClientError::Unavailable(msg),
+            _ => IpamClientError::Internal(format!("ipamd: {msg}")),
+        }
+    }
+}
+
+/// "a: b: c" from an error and its sources; transport errors hide the cause.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = s.source();
+    }
+    out
+}
+
+fn pb_key(key: &Key) -> pb::AllocationKey {
+    pb::AllocationKey {
+        network: key.network.clone(),
+        container_id: key.container_id.clone(),
+        ifname: key.ifname.clone(),
+    }
+}
+
+fn from_pb_key(key: Option<pb::AllocationKey>) -> Option<Key> {
+    key.map(|k| Key {
+        network: k.network,
+        container_id: k.container_id,
+        ifname: k.ifname,
+    })
+}
+
+/// ipamd writes "a.b.c.d/32" in leases and "a.b.c.d" in allocations; accept both.
+fn parse_address(s: &str) -> Result<Ipv4Net, IpamClientError> {
+    s.parse::<Ipv4Net>()
+        .or_else(|_| s.parse::<Ipv4Addr>().map(Ipv4Net::from))
+        .map_err(|_| IpamClientError::Internal(format!("ipamd returned a bad address {s:?}")))
+}
+
+impl IpamClient for GrpcIpam {
+    fn allocate(
+        &self,
+        key: &Key,
+        pod: &PodInfo,
+        requested: &[Ipv4Addr],
+        pool_hint: Option<&str>,
+    ) -> Result<Lease, IpamClientError> {
+        let req = pb::AllocateRequest {
+            client_version: ferry_proto::CLIENT_VERSION.to_string(),
+            key: Some(pb_key(key)),
+            pod: Some(pb::PodMeta {
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+                uid: pod.uid.clone(),
+                netns: pod.netns.clone(),
+            }),
+            requested_ips: requested.iter().map(Ipv4Addr::to_string).collect(),
+            pool_hint: pool_hint.unwrap_or_default().to_string(),
+        };
+        let resp = self.call(|mut c| async move { c.allocate(req).await })?;
+        let addresses = resp
+            .addresses
+            .iter()
+            .map(|a| parse_address(a))
+            .collect::<Result<Vec<_>, _>>()?;
+        if addresses.is_empty() {
+            return Err(IpamClientError::Internal(
+                "ipamd returned a lease without addresses".into(),
+            ));
+        }
+        let gateway = if resp.gateway.is_empty() {
+            ferry_proto::POD_GATEWAY
+        } else {
+            resp.gateway.parse().map_err(|_| {
+                IpamClientError::Internal(format!(
+                    "ipamd returned a bad gateway {:?}",
+                    resp.gateway
+                ))
+            })?
+        };
+        Ok(Lease {
+            addresses,
+            gateway,
+            mtu: resp.mtu,
+            pool: resp.pool,
+        })
+    }
+
+    fn release(&self, key: &Key) -> Result<(), IpamClientError> {
+        let req = pb::ReleaseRequest {
+            client_version: ferry_proto::CLIENT_VERSION.to_string(),
+            key: Some(pb_key(key)),
+        };
+        self.call(|mut c| async move { c.release(req).await })?;
+        Ok(())
+    }
+
+    fn check(&self, key: &Key) -> Result<Option<Vec<Ipv4Net>>, IpamClientError> {
+        let req = pb::CheckRequest {
+            client_version: ferry_proto::CLIENT_VERSION.to_string(),
+            key: Some(pb_key(key)),
+        };
+        let resp = self.call(|mut c| async move { c.check(req).await })?;
+        resp.allocation
+            .map(|a| parse_address(&a.ip).map(|ip| vec![ip]))
+            .transpose()
+    }
+
+    fn gc(&self, network: &str, valid: &[Key]) -> Result<Vec<Key>, IpamClientError> {
+        let req = pb::GcRequest {
+            client_version: ferry_proto::CLIENT_VERSION.to_string(),
+            network: network.to_string(),
+            valid: valid.iter().map(pb_key).collect(),
+        };
+        let resp = self.call(|mut c| async move { c.gc(req).await })?;
+        Ok(resp
+            .released
+            .into_iter()
+            .filter_map(|a| from_pb_key(a.key))
+            .collect())
+    }
+
+    fn status(&self) -> Result<(Readiness, String), IpamClientError> {
+        let req = pb::StatusRequest {
+            client_version: ferry_proto::CLIENT_VERSION.to_string(),
+        };
+        let resp = self.call(|mut c| async move { c.status(req).await })?;
+        let readiness = match resp.readiness() {
+            pb::Readiness::Ready => Readiness::Ready,
+            pb::Readiness::NoAddresses => Readiness::NoAddresses,
+            pb::Readiness::NotAvailable | pb::Readiness::Unspecified => Readiness::NotAvailable,
+        };
+        Ok((readiness, resp.reason))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(socket: &str) -> GrpcIpam {
+        GrpcIpam::new(Path::new(socket), Duration::from_millis(300)).unwrap()
+    }
+
+    #[test]
+    fn missing_socket_is_unreachable_naming_the_socket() {
+        let c = client("/nonexistent/ferry-test/ipamd.sock");
+        let key = Key {
+            network: "n".into(),
+            container_id: "c".into(),
+            ifname: "eth0".into(),
+        };
+        let err = c.release(&key).unwrap_err();
+        let IpamClientError::Unreachable(msg) = err else {
+            panic!("{err:?}")
+        };
+        assert!(msg.contains("/nonexistent/ferry-test/ipamd.sock"), "{msg}");
+        assert!(msg.starts_with("ipamd is not reachable at "), "{msg}");
+    }
+
+    #[test]
+    fn a_socket_nobody_listens_on_is_unreachable() {
+        let dir = std::env::temp_dir().join(format!("ferry-grpc-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("dead.sock");
+        let _ = std::fs::remove_file(&path);
+        // Bound then dropped: the file stays, connect() gets ECONNREFUSED.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let c = GrpcIpam::new(&path, Duration::from_millis(300)).unwrap();
+        let err = c.status().unwrap_err();
+        assert!(
+            matches!(err, IpamClientError::Unreachable(ref m) if m.contains("dead.sock")),
+            "{err:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn status_codes_map_once() {
+        let c = client("/x.sock");
+        let cases = [
+            (Status::resource_exhausted("full"), "Exhausted"),
+            (Status::already_exists("taken"), "AddressUnavailable"),
+            (Status::failed_precondition("0.1 vs 0.2"), "VersionMismatch"),
+            (Status::invalid_argument("bad"), "InvalidRequest"),
+            (Status::unavailable("etcd"), "Unavailable"),
+            (Status::deadline_exceeded("slow"), "Unreachable"),
+            (Status::internal("boom"), "Internal"),
+            (Status::not_found("?"), "Internal"),
+        ];
+        for (status, want) in cases {
+            let got = format!("{:?}", c.map_status(status));
+            assert!(got.starts_with(want), "{got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn addresses_parse_with_or_without_prefix() {
+        assert_eq!(
+            parse_address("10.0.0.1").unwrap(),
+            "10.0.0.1/32".parse::<Ipv4Net>().unwrap()
+        );
+        assert_eq!(
+            parse_address("10.0.0.1/32").unwrap(),
+            "10.0.0.1/32".parse::<Ipv4Net>().unwrap()
+        );
+        assert!(parse_address("nope").is_err());
+    }
+}

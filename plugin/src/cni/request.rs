@@ -1,0 +1,555 @@
+//! One invocation: the CNI_* environment and stdin, validated in the order
+//! libcni's skel uses (environment, then stdin, then the version gates) so
+//! that runtimes see the codes they expect.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+use super::args::{self, CniArgs};
+use super::config::{NetConf, ValidAttachment};
+use super::error::{CniError, code};
+use super::version::CniVersion;
+use crate::ipam::{Key, PodInfo};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    Add,
+    Del,
+    Check,
+    Version,
+    Status,
+    Gc,
+}
+
+impl Verb {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "ADD" => Verb::Add,
+            "DEL" => Verb::Del,
+            "CHECK" => Verb::Check,
+            "VERSION" => Verb::Version,
+            "STATUS" => Verb::Status,
+            "GC" => Verb::Gc,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Request {
+    /// `requested` is stdin's cniVersion, when there was one.
+    Version {
+        requested: Option<String>,
+    },
+    Add(Attachment),
+    Del(Attachment),
+    Check(Attachment),
+    Status(StatusRequest),
+    Gc(GcRequest),
+}
+
+/// ADD, DEL and CHECK: one interface of one container.
+#[derive(Debug, Clone)]
+pub struct Attachment {
+    pub version: CniVersion,
+    pub conf: NetConf,
+    pub container_id: String,
+    /// None when CNI_NETNS is empty (allowed on DEL).
+    pub netns: Option<PathBuf>,
+    pub ifname: String,
+    pub args: CniArgs,
+    /// CNI_ARGS IP=, args.cni.ips, runtimeConfig.ips; ADD only.
+    pub requested_ips: Vec<Ipv4Addr>,
+    pub pool_hint: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StatusRequest {
+    pub conf: NetConf,
+}
+
+#[derive(Debug, Clone)]
+pub struct GcRequest {
+    pub conf: NetConf,
+    pub valid: Vec<ValidAttachment>,
+}
+
+impl Attachment {
+    pub fn key(&self) -> Key {
+        Key {
+            network: self.conf.name.clone(),
+            container_id: self.container_id.clone(),
+            ifname: self.ifname.clone(),
+        }
+    }
+
+    pub fn pod_info(&self) -> PodInfo {
+        PodInfo {
+            namespace: self.args.pod_namespace.clone().unwrap_or_default(),
+            name: self.args.pod_name.clone().unwrap_or_default(),
+            uid: self.args.pod_uid.clone().unwrap_or_default(),
+            netns: self
+                .netns
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        }
+    }
+
+    pub fn host_veth(&self) -> String {
+        ferry_proto::host_veth_name(&self.container_id, &self.ifname)
+    }
+}
+
+impl Request {
+    /// The parsed config, for logging setup; VERSION has none.
+    pub fn conf(&self) -> Option<&NetConf> {
+        match self {
+            Request::Version { .. } => None,
+            Request::Add(a) | Request::Del(a) | Request::Check(a) => Some(&a.conf),
+            Request::Status(s) => Some(&s.conf),
+            Request::Gc(g) => Some(&g.conf),
+        }
+    }
+
+    pub fn verb_name(&self) -> &'static str {
+        match self {
+            Request::Version { .. } => "VERSION",
+            Request::Add(_) => "ADD",
+            Request::Del(_) => "DEL",
+            Request::Check(_) => "CHECK",
+            Request::Status(_) => "STATUS",
+            Request::Gc(_) => "GC",
+        }
+    }
+}
+
+/// The cniVersion to put on an error: stdin's when it has one, else the latest.
+pub fn error_version(stdin: &[u8]) -> String {
+    serde_json::from_slice::<Value>(stdin)
+        .ok()
+        .and_then(|v| v.get("cniVersion")?.as_str().map(str::to_string))
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| CniVersion::LATEST.as_str().to_string())
+}
+
+/// `env` returns a variable's value; empty counts as unset, as in libcni.
+pub fn parse(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Request, CniError> {
+    let get = |name: &str| env(name).filter(|v| !v.is_empty());
+
+    let command = get("CNI_COMMAND")
+        .ok_or_else(|| CniError::new(code::INVALID_ENV, "CNI_COMMAND is not set"))?;
+    let verb = Verb::parse(&command).ok_or_else(|| {
+        CniError::new(
+            code::INVALID_ENV,
+            format!("CNI_COMMAND {command:?} is not one of ADD, DEL, CHECK, VERSION, STATUS, GC"),
+        )
+    })?;
+
+    if verb == Verb::Version {
+        // stdin is optional here: older runtimes send nothing.
+        let requested = serde_json::from_slice::<Value>(stdin)
+            .ok()
+            .and_then(|v| v.get("cniVersion")?.as_str().map(str::to_string));
+        return Ok(Request::Version { requested });
+    }
+
+    let per_container = matches!(verb, Verb::Add | Verb::Del | Verb::Check);
+    let mut container_id = String::new();
+    let mut ifname = String::new();
+    if per_container {
+        let missing: Vec<&str> = ["CNI_CONTAINERID", "CNI_IFNAME"]
+            .into_iter()
+            .filter(|v| get(v).is_none())
+            .collect();
+        if !missing.is_empty() {
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                format!(
+                    "required environment variable(s) not set: {}",
+                    missing.join(", ")
+                ),
+            ));
+        }
+        container_id = get("CNI_CONTAINERID").unwrap_or_default();
+        ifname = get("CNI_IFNAME").unwrap_or_default();
+        validate_container_id(&container_id)?;
+        validate_ifname(&ifname)?;
+    }
+
+    let value: Value = serde_json::from_slice(stdin).map_err(|e| {
+        CniError::new(code::DECODE, "cannot decode the network config on stdin")
+            .with_details(e.to_string())
+    })?;
+    if !value.is_object() {
+        return Err(CniError::new(
+            code::DECODE,
+            "the network config on stdin is not a JSON object",
+        ));
+    }
+    let version = match value.get("cniVersion") {
+        Some(Value::String(s)) => CniVersion::parse(s).ok_or_else(|| incompatible(s))?,
+        // libcni reads a missing cniVersion as 0.1.0, which ferry does not speak.
+        None => return Err(incompatible("0.1.0 (cniVersion not set)")),
+        Some(other) => {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                format!("cniVersion must be a string, got {other}"),
+            ));
+        }
+    };
+    let conf = NetConf::from_value(value)?;
+    validate_network_name(&conf.name)?;
+
+    match verb {
+        Verb::Check if !version.has_check() => {
+            return Err(CniError::new(
+                code::INCOMPATIBLE_VERSION,
+                format!("config version {version} does not allow CHECK (needs 0.4.0 or later)"),
+            ));
+        }
+        Verb::Status | Verb::Gc if !version.has_status_and_gc() => {
+            return Err(CniError::new(
+                code::INCOMPATIBLE_VERSION,
+                format!("config version {version} does not allow {command} (needs 1.1.0 or later)"),
+            ));
+        }
+        _ => {}
+    }
+
+    match verb {
+        Verb::Status => return Ok(Request::Status(StatusRequest { conf })),
+        Verb::Gc => {
+            let valid = conf.valid_attachments.clone().ok_or_else(|| {
+                CniError::new(
+                    code::INVALID_CONFIG,
+                    "GC needs cni.dev/valid-attachments; refusing to release every address",
+                )
+            })?;
+            return Ok(Request::Gc(GcRequest { conf, valid }));
+        }
+        _ => {}
+    }
+
+    let raw_args = get("CNI_ARGS").unwrap_or_default();
+    let cni_args = match args::parse(&raw_args) {
+        Ok(a) => a,
+        // DEL must not wedge on arguments it does not need.
+        Err(e) if verb == Verb::Del => {
+            tracing::warn!(error = %e, "ignoring unparsable CNI_ARGS on DEL");
+            CniArgs::default()
+        }
+        Err(e) => return Err(e),
+    };
+    let (requested_ips, pool_hint) = if verb == Verb::Add {
+        let mut ips = cni_args.ips.clone();
+        for ip in conf.requested_ips()? {
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+        (ips, conf.pool_hint())
+    } else {
+        (Vec::new(), None)
+    };
+    let attachment = Attachment {
+        version,
+        netns: get("CNI_NETNS").map(PathBuf::from),
+        conf,
+        container_id,
+        ifname,
+        args: cni_args,
+        requested_ips,
+        pool_hint,
+    };
+    Ok(match verb {
+        Verb::Add => Request::Add(attachment),
+        Verb::Del => Request::Del(attachment),
+        _ => Request::Check(attachment),
+    })
+}
+
+fn incompatible(requested: &str) -> CniError {
+    let supported: Vec<&str> = CniVersion::ALL.iter().map(|v| v.as_str()).collect();
+    CniError::new(
+        code::INCOMPATIBLE_VERSION,
+        format!("incompatible CNI version {requested}"),
+    )
+    .with_details(format!("ferry supports {}", supported.join(", ")))
+}
+
+/// libcni's rule for container IDs and network names: `[a-zA-Z0-9][a-zA-Z0-9_.-]*`.
+fn valid_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+fn validate_container_id(id: &str) -> Result<(), CniError> {
+    if valid_name(id) {
+        Ok(())
+    } else {
+        Err(CniError::new(
+            code::INVALID_ENV,
+            format!("CNI_CONTAINERID {id:?} contains invalid characters"),
+        ))
+    }
+}
+
+fn validate_network_name(name: &str) -> Result<(), CniError> {
+    if valid_name(name) {
+        Ok(())
+    } else {
+        Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!("network name {name:?} contains invalid characters"),
+        ))
+    }
+}
+
+/// The kernel's rule (dev_valid_name): 1-15 bytes, not . or .., no / : or whitespace.
+fn validate_ifname(name: &str) -> Result<(), CniError> {
+    let bad = |why: &str| {
+        Err(CniError::new(
+            code::INVALID_ENV,
+            format!("CNI_IFNAME {name:?} {why}"),
+        ))
+    };
+    if name.len() > 15 {
+        return bad("is longer than 15 bytes");
+    }
+    if name == "." || name == ".." {
+        return bad("is not a valid interface name");
+    }
+    if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c.is_whitespace())
+    {
+        return bad("contains '/', ':' or whitespace");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env<K: AsRef<str>, V: AsRef<str>>(pairs: &[(K, V)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.as_ref().to_string(), v.as_ref().to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    fn conf(version: &str) -> Vec<u8> {
+        format!(r#"{{"cniVersion":"{version}","name":"ferry","type":"ferry"}}"#).into_bytes()
+    }
+
+    const ADD: &[(&str, &str)] = &[
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", "c0ffee"),
+        ("CNI_NETNS", "/var/run/netns/p1"),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_PATH", "/opt/cni/bin"),
+        (
+            "CNI_ARGS",
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web;K8S_POD_UID=u1",
+        ),
+    ];
+
+    /// `base` with `key` replaced by `val`.
+    fn with<K: AsRef<str>, V: AsRef<str>>(
+        base: &[(K, V)],
+        key: &str,
+        val: &str,
+    ) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = base
+            .iter()
+            .filter(|(k, _)| k.as_ref() != key)
+            .map(|(k, v)| (k.as_ref().to_string(), v.as_ref().to_string()))
+            .collect();
+        out.push((key.to_string(), val.to_string()));
+        out
+    }
+
+    #[test]
+    fn add_parses_for_every_version() {
+        for v in CniVersion::ALL {
+            let req = parse(env(ADD), &conf(v.as_str())).unwrap();
+            let Request::Add(a) = req else {
+                panic!("not ADD")
+            };
+            assert_eq!(a.version, v);
+            assert_eq!(a.container_id, "c0ffee");
+            assert_eq!(a.ifname, "eth0");
+            assert_eq!(a.netns, Some(PathBuf::from("/var/run/netns/p1")));
+            assert_eq!(a.key().network, "ferry");
+            let pod = a.pod_info();
+            assert_eq!(
+                (pod.namespace.as_str(), pod.name.as_str(), pod.uid.as_str()),
+                ("default", "web", "u1")
+            );
+            assert_eq!(pod.netns, "/var/run/netns/p1");
+        }
+    }
+
+    #[test]
+    fn unsupported_versions_are_code_1() {
+        for v in ["0.1.0", "0.2.0", "1.2.0", "2.0.0"] {
+            let e = parse(env(ADD), &conf(v)).unwrap_err();
+            assert_eq!(e.code, 1, "{v}");
+            assert!(e.details.contains("0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0"));
+        }
+        let e = parse(env(ADD), br#"{"name":"ferry","type":"ferry"}"#).unwrap_err();
+        assert_eq!(e.code, 1);
+    }
+
+    #[test]
+    fn malformed_stdin_is_code_6() {
+        for stdin in [&b""[..], b"{", b"not json", b"[1,2]", b"\"s\""] {
+            assert_eq!(parse(env(ADD), stdin).unwrap_err().code, 6);
+        }
+    }
+
+    #[test]
+    fn missing_env_is_code_4_naming_the_variable() {
+        let e = parse(env::<&str, &str>(&[]), &conf("1.0.0")).unwrap_err();
+        assert_eq!(e.code, 4);
+        assert!(e.msg.contains("CNI_COMMAND"));
+
+        for var in ["CNI_CONTAINERID", "CNI_IFNAME"] {
+            let e = parse(env(&with(ADD, var, "")), &conf("1.0.0")).unwrap_err();
+            assert_eq!(e.code, 4);
+            assert!(e.msg.contains(var), "{}", e.msg);
+        }
+        let e = parse(env(&with(ADD, "CNI_COMMAND", "FROB")), &conf("1.0.0")).unwrap_err();
+        assert_eq!(e.code, 4);
+    }
+
+    #[test]
+    fn bad_container_id_and_ifname_are_code_4() {
+        for (k, v) in [
+            ("CNI_CONTAINERID", "-abc"),
+            ("CNI_CONTAINERID", "a/b"),
+            ("CNI_IFNAME", "a-very-long-ifname0"),
+            ("CNI_IFNAME", "eth 0"),
+            ("CNI_IFNAME", ".."),
+        ] {
+            assert_eq!(
+                parse(env(&with(ADD, k, v)), &conf("1.0.0"))
+                    .unwrap_err()
+                    .code,
+                4
+            );
+        }
+    }
+
+    #[test]
+    fn empty_netns_is_allowed_here_and_left_to_the_verb() {
+        let req = parse(env(&with(ADD, "CNI_COMMAND", "DEL")), &conf("1.0.0")).unwrap();
+        assert!(matches!(req, Request::Del(_)));
+        let no_netns = with(&with(ADD, "CNI_COMMAND", "DEL"), "CNI_NETNS", "");
+        let Request::Del(a) = parse(env(&no_netns), &conf("1.0.0")).unwrap() else {
+            panic!()
+        };
+        assert_eq!(a.netns, None);
+    }
+
+    #[test]
+    fn check_needs_0_4_0() {
+        let check = with(ADD, "CNI_COMMAND", "CHECK");
+        for v in ["0.3.0", "0.3.1"] {
+            let e = parse(env(&check), &conf(v)).unwrap_err();
+            assert_eq!(e.code, 1);
+            assert!(e.msg.contains("CHECK"));
+        }
+        for v in ["0.4.0", "1.0.0", "1.1.0"] {
+            assert!(matches!(
+                parse(env(&check), &conf(v)),
+                Ok(Request::Check(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn status_and_gc_need_1_1_0_and_no_container() {
+        let status = [("CNI_COMMAND", "STATUS")];
+        for v in ["0.3.1", "0.4.0", "1.0.0"] {
+            assert_eq!(parse(env(&status), &conf(v)).unwrap_err().code, 1);
+        }
+        assert!(matches!(
+            parse(env(&status), &conf("1.1.0")),
+            Ok(Request::Status(_))
+        ));
+
+        let gc = [("CNI_COMMAND", "GC")];
+        let stdin = br#"{"cniVersion":"1.1.0","name":"ferry","type":"ferry",
+            "cni.dev/valid-attachments":[{"containerID":"a","ifname":"eth0"}]}"#;
+        let Request::Gc(g) = parse(env(&gc), stdin).unwrap() else {
+            panic!()
+        };
+        assert_eq!(g.valid.len(), 1);
+        assert_eq!(g.valid[0].container_id, "a");
+        assert_eq!(parse(env(&gc), &conf("1.0.0")).unwrap_err().code, 1);
+        // No list at all: refuse rather than release everything.
+        assert_eq!(parse(env(&gc), &conf("1.1.0")).unwrap_err().code, 7);
+    }
+
+    #[test]
+    fn version_needs_no_config() {
+        let v = [("CNI_COMMAND", "VERSION")];
+        assert!(matches!(
+            parse(env(&v), b""),
+            Ok(Request::Version { requested: None })
+        ));
+        let Ok(Request::Version { requested }) = parse(env(&v), &conf("0.4.0")) else {
+            panic!()
+        };
+        assert_eq!(requested.as_deref(), Some("0.4.0"));
+    }
+
+    #[test]
+    fn requested_ips_merge_all_three_sources() {
+        let e = with(ADD, "CNI_ARGS", "IgnoreUnknown=1;IP=10.0.0.7/16");
+        let stdin = br#"{"cniVersion":"1.0.0","name":"ferry","type":"ferry",
+            "args":{"cni":{"ips":["10.0.0.8/24","10.0.0.7"]}},
+            "runtimeConfig":{"ips":["10.0.0.9/32"],
+              "io.kubernetes.cri.pod-annotations":{"ferry.dev/pool":"blue"}}}"#;
+        let Request::Add(a) = parse(env(&e), stdin).unwrap() else {
+            panic!()
+        };
+        let want: Vec<Ipv4Addr> = ["10.0.0.7", "10.0.0.8", "10.0.0.9"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(a.requested_ips, want);
+        assert_eq!(a.pool_hint.as_deref(), Some("blue"));
+    }
+
+    #[test]
+    fn bad_cni_args_fail_add_but_not_del() {
+        let bad = with(ADD, "CNI_ARGS", "UNKNOWN=1");
+        assert_eq!(parse(env(&bad), &conf("1.0.0")).unwrap_err().code, 4);
+        let del = with(&bad, "CNI_COMMAND", "DEL");
+        assert!(matches!(
+            parse(env(&del), &conf("1.0.0")),
+            Ok(Request::Del(_))
+        ));
+    }
+
+    #[test]
+    fn bad_network_name_is_code_7() {
+        let stdin = br#"{"cniVersion":"1.0.0","name":"bad name","type":"ferry"}"#;
+        assert_eq!(parse(env(ADD), stdin).unwrap_err().code, 7);
+    }
+
+    #[test]
+    fn error_version_echoes_stdin() {
+        assert_eq!(error_version(&conf("0.3.1")), "0.3.1");
+        assert_eq!(error_version(b"garbage"), "1.1.0");
+    }
+}

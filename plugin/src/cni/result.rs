@@ -1,0 +1,248 @@
+//! The ADD result, written in the version the config asked for. A chained
+//! prevResult is carried through as raw JSON with ferry's entries appended,
+//! so later plugins (portmap, bandwidth) see every field earlier ones wrote.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+
+use cni_plugin::reply::{Dns, Route};
+use ipnet::Ipv4Net;
+use ipnetwork::{IpNetwork, Ipv4Network};
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+
+use super::error::{CniError, code};
+use super::version::CniVersion;
+
+/// An interface entry. Not the crate's: `sandbox` must be absent on the
+/// host side, and MACs are written in lower case as the spec examples do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Interface {
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpConfig {
+    pub address: Ipv4Net,
+    pub gateway: Option<Ipv4Addr>,
+    /// Index into this result's own `interfaces`.
+    pub interface: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AddResult {
+    pub interfaces: Vec<Interface>,
+    pub ips: Vec<IpConfig>,
+    pub routes: Vec<Route>,
+    pub dns: Dns,
+}
+
+/// What ADD wired: the host veth, the pod interface, its addresses.
+pub struct Wired<'a> {
+    pub host_veth: &'a str,
+    pub host_mac: [u8; 6],
+    pub ifname: &'a str,
+    pub pod_mac: [u8; 6],
+    pub netns: &'a Path,
+    pub addresses: &'a [Ipv4Net],
+    pub gateway: Ipv4Addr,
+}
+
+pub fn format_mac(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+impl AddResult {
+    /// interfaces[0] = host veth, interfaces[1] = pod side; one ip per
+    /// address on interface 1; a default route via the gateway.
+    pub fn for_pod(w: &Wired<'_>) -> Result<Self, CniError> {
+        let any = Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0)
+            .map_err(|e| CniError::new(code::INTERNAL, format!("default route: {e}")))?;
+        Ok(AddResult {
+            interfaces: vec![
+                Interface {
+                    name: w.host_veth.to_string(),
+                    mac: Some(format_mac(w.host_mac)),
+                    sandbox: None,
+                },
+                Interface {
+                    name: w.ifname.to_string(),
+                    mac: Some(format_mac(w.pod_mac)),
+                    sandbox: Some(w.netns.display().to_string()),
+                },
+            ],
+            ips: w
+                .addresses
+                .iter()
+                .map(|a| IpConfig {
+                    address: *a,
+                    gateway: Some(w.gateway),
+                    interface: Some(1),
+                })
+                .collect(),
+            routes: vec![Route {
+                dst: IpNetwork::V4(any),
+                gw: Some(IpAddr::V4(w.gateway)),
+            }],
+            dns: Dns::default(),
+        })
+    }
+
+    /// The result JSON for `version`, appended to `prev` when chained.
+    pub fn render(&self, version: CniVersion, prev: Option<&Value>) -> Result<Value, CniError> {
+        let list = |key: &str| -> Vec<Value> {
+            prev.and_then(|p| p.get(key))
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+        };
+        let mut interfaces = list("interfaces");
+        let mut ips = list("ips");
+        let mut routes = list("routes");
+        let offset = interfaces.len();
+
+        for iface in &self.interfaces {
+            interfaces.push(to_value(iface)?);
+        }
+        for ip in &self.ips {
+            let mut entry = Map::new();
+            entry.insert("address".into(), Value::String(ip.address.to_string()));
+            if let Some(gw) = ip.gateway {
+                entry.insert("gateway".into(), Value::String(gw.to_string()));
+            }
+            if let Some(i) = ip.interface {
+                entry.insert("interface".into(), json!(i + offset));
+            }
+            ips.push(Value::Object(entry));
+        }
+        for route in &self.routes {
+            routes.push(to_value(route)?);
+        }
+        for ip in ips.iter_mut().filter_map(Value::as_object_mut) {
+            set_ip_version(ip, version);
+        }
+        let dns = match prev.and_then(|p| p.get("dns")) {
+            Some(d) if d.is_object() => d.clone(),
+            _ => to_value(&self.dns)?,
+        };
+        Ok(json!({
+            "cniVersion": version.as_str(),
+            "interfaces": interfaces,
+            "ips": ips,
+            "routes": routes,
+            "dns": dns,
+        }))
+    }
+}
+
+/// 0.3.x/0.4.0 require `version` on each ip; 1.x removed it.
+fn set_ip_version(ip: &mut Map<String, Value>, version: CniVersion) {
+    if !version.ips_carry_version() {
+        ip.remove("version");
+        return;
+    }
+    if ip.contains_key("version") {
+        return;
+    }
+    let family = match ip.get("address").and_then(Value::as_str) {
+        Some(a) if a.contains(':') => "6",
+        _ => "4",
+    };
+    ip.insert("version".into(), Value::String(family.into()));
+}
+
+fn to_value<T: Serialize>(v: &T) -> Result<Value, CniError> {
+    serde_json::to_value(v)
+        .map_err(|e| CniError::new(code::INTERNAL, format!("cannot encode the result: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ours() -> AddResult {
+        let addrs = ["10.244.0.5/32".parse().unwrap()];
+        AddResult::for_pod(&Wired {
+            host_veth: "fry0123456789a",
+            host_mac: [0xee, 0xee, 0xee, 0xee, 0xee, 0x01],
+            ifname: "eth0",
+            pod_mac: [0x0a, 0x58, 0x0a, 0xf4, 0x00, 0x05],
+            netns: Path::new("/var/run/netns/p1"),
+            addresses: &addrs,
+            gateway: ferry_proto::POD_GATEWAY,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn v1_result_has_no_ip_version() {
+        for v in [CniVersion::V1_0_0, CniVersion::V1_1_0] {
+            let r = ours().render(v, None).unwrap();
+            assert_eq!(
+                r,
+                json!({
+                    "cniVersion": v.as_str(),
+                    "interfaces": [
+                        {"name": "fry0123456789a", "mac": "ee:ee:ee:ee:ee:01"},
+                        {"name": "eth0", "mac": "0a:58:0a:f4:00:05", "sandbox": "/var/run/netns/p1"}
+                    ],
+                    "ips": [{"address": "10.244.0.5/32", "gateway": "169.254.1.1", "interface": 1}],
+                    "routes": [{"dst": "0.0.0.0/0", "gw": "169.254.1.1"}],
+                    "dns": {}
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn pre_1_0_results_carry_ip_version_4() {
+        for v in [CniVersion::V0_3_0, CniVersion::V0_3_1, CniVersion::V0_4_0] {
+            let r = ours().render(v, None).unwrap();
+            assert_eq!(r["cniVersion"], v.as_str());
+            assert_eq!(
+                r["ips"],
+                json!([{"version": "4", "address": "10.244.0.5/32",
+                        "gateway": "169.254.1.1", "interface": 1}])
+            );
+            assert!(r["interfaces"][0].get("sandbox").is_none());
+        }
+    }
+
+    #[test]
+    fn chained_prev_result_is_kept_and_indices_shift() {
+        let prev = json!({
+            "cniVersion": "1.1.0",
+            "interfaces": [{"name": "lo0", "sandbox": "/x", "mtu": 65536}],
+            "ips": [{"address": "fd00::1/128", "interface": 0}],
+            "routes": [{"dst": "fd00::/8", "table": 100}],
+            "dns": {"nameservers": ["10.96.0.10"]}
+        });
+        let r = ours().render(CniVersion::V1_1_0, Some(&prev)).unwrap();
+        assert_eq!(r["interfaces"][0], prev["interfaces"][0]);
+        assert_eq!(r["interfaces"][2]["name"], "eth0");
+        assert_eq!(r["ips"][1]["interface"], 2);
+        assert_eq!(r["routes"][0]["table"], 100);
+        assert_eq!(r["dns"], prev["dns"]);
+
+        // Rendered for 0.4.0, the foreign ip gets its family too.
+        let r = ours().render(CniVersion::V0_4_0, Some(&prev)).unwrap();
+        assert_eq!(r["ips"][0]["version"], "6");
+        assert_eq!(r["ips"][1]["version"], "4");
+    }
+
+    #[test]
+    fn prev_result_addresses_read_back_our_own_result() {
+        for v in CniVersion::ALL {
+            let r = ours().render(v, None).unwrap();
+            let got = super::super::config::prev_result_addresses(&r, "eth0").unwrap();
+            assert_eq!(got, vec!["10.244.0.5/32".parse::<Ipv4Net>().unwrap()]);
+        }
+    }
+}

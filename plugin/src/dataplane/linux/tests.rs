@@ -1,0 +1,521 @@
+//! Privileged tests against the real kernel. Every test makes its own uniquely
+//! named namespaces, drives the dataplane from a thread that entered the node
+//! netns (the test process itself never leaves the root netns), and removes
+//! the namespaces in Drop guards.
+
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use ipnet::Ipv4Net;
+use nix::sched::{CloneFlags, setns};
+
+use super::LinuxDataplane;
+use crate::dataplane::{Dataplane, DataplaneError, PodLink};
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+fn privileged() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        true
+    } else {
+        eprintln!("skipped: needs root to create network namespaces");
+        false
+    }
+}
+
+/// A named netns (`ip netns add`), deleted on drop even when the test fails.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(name: String) -> Self {
+        run("ip", &["netns", "add", &name]);
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    /// `ip -n <ns> args...`, which must succeed; returns stdout.
+    fn ip(&self, args: &[&str]) -> String {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// A command inside this netns; returns whether it succeeded.
+    fn exec_ok(&self, cmd: &[&str]) -> bool {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(cmd)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+
+    fn read(&self, file: &str) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "cat", file])
+            .output()
+            .expect("run cat");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Runs `f` on a fresh thread that entered this netns.
+    fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = self.path();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                let file = File::open(&path).expect("open node netns");
+                setns(&file, CloneFlags::CLONE_NEWNET).expect("setns into node netns");
+                f()
+            })
+            .join()
+            .expect("node netns thread")
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A node netns shaped like a real node: an uplink with an address and a
+/// default route (proxy ARP answers only for destinations routed out another
+/// device), plus `pods` pod namespaces.
+struct World {
+    node: Netns,
+    pods: Vec<Netns>,
+}
+
+impl World {
+    fn new(pods: usize) -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let base = format!("fyd-{}-{n}", std::process::id());
+        let node = Netns::new(format!("{base}-node"));
+        // A veth pair stands in for the uplink (no dummy module everywhere).
+        node.ip(&["link", "add", "up0", "type", "veth", "peer", "name", "up1"]);
+        node.ip(&["addr", "add", "192.0.2.1/24", "dev", "up0"]);
+        node.ip(&["link", "set", "up1", "up"]);
+        node.ip(&["link", "set", "up0", "up"]);
+        node.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            "192.0.2.254",
+            "dev",
+            "up0",
+        ]);
+        let pods = (0..pods)
+            .map(|i| Netns::new(format!("{base}-pod{i}")))
+            .collect();
+        World { node, pods }
+    }
+
+    fn link(&self, pod: usize, ip: &str) -> PodLink {
+        PodLink {
+            netns: self.pods[pod].path(),
+            ifname: "eth0".into(),
+            host_veth: format!("fry0test{pod:04}"),
+            addresses: vec![Ipv4Net::new(ip.parse().expect("ip"), 32).expect("net")],
+            gateway: Ipv4Addr::new(169, 254, 1, 1),
+            mtu: 1480,
+        }
+    }
+
+    fn host_has(&self, name: &str) -> bool {
+        let out = self.node.ip(&["-o", "link", "show"]);
+        out.contains(&format!(": {name}@")) || out.contains(&format!(": {name}:"))
+    }
+}
+
+/// Whether one line of `text` starts with `parts[0]` and holds the rest.
+fn has_line(text: &str, parts: &[&str]) -> bool {
+    text.lines()
+        .any(|l| l.starts_with(parts[0]) && parts[1..].iter().all(|p| l.contains(p)))
+}
+
+fn mac(bytes: [u8; 6]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+#[test]
+fn setup_wires_both_sides() {
+    if !privileged() {
+        return;
+    }
+    let w = World::new(1);
+    let link = w.link(0, "10.244.0.2");
+    let dp = LinuxDataplane::new();
+    let attached = w.node.enter(|| dp.setup(&link)).expect("setup");
+    let pod = &w.pods[0];
+
+    let addr = pod.ip(&["-o", "-4", "addr", "show", "dev", "eth0"]);
+    assert!(addr.contains("inet 10.244.0.2/32"), "{addr}");
+    let routes = pod.ip(&["-4", "route", "show"]);
+    assert!(
+        has_line(&routes, &["default via 169.254.1.1 dev eth0"]),
+        "{routes}"
+    );
+    assert!(
+        has_line(&routes, &["169.254.1.1 dev eth0", "scope link"]),
+        "{routes}"
+    );
+    let eth0 = pod.ip(&["link", "show", "eth0"]);
+    assert!(eth0.contains("state UP") || eth0.contains(",UP"), "{eth0}");
+    assert!(eth0.contains("mtu 1480"), "{eth0}");
+    assert!(
+        eth0.contains(&mac(attached.pod_mac)),
+        "{eth0} vs {:?}",
+        attached.pod_mac
+    );
+    let lo = pod.ip(&["link", "show", "lo"]);
+    assert!(lo.contains(",UP"), "{lo}");
+
+    let host = w.node.ip(&["link", "show", &link.host_veth]);
+    assert!(host.contains("ee:ee:ee:ee:ee:ee"), "{host}");
+    assert!(host.contains("mtu 1480"), "{host}");
+    assert!(host.contains(",UP"), "{host}");
+    assert_eq!(attached.host_mac, [0xee; 6]);
+    let node_routes = w.node.ip(&["-4", "route", "show"]);
+    let host_route = format!("10.244.0.2 dev {}", link.host_veth);
+    assert!(
+        has_line(&node_routes, &[&host_route, "scope link"]),
+        "{node_routes}"
+    );
+    let conf = format!("/proc/sys/net/ipv4/conf/{}", link.host_veth);
+    assert_eq!(w.node.read(&format!("{conf}/proxy_arp")), "1");
+    assert_eq!(w.node.read(&format!("{conf}/forwarding")), "1");
+    assert_eq!(
+        w.node.read(&format!(
+            "/proc/sys/net/ipv4/neigh/{}/proxy_delay",
+            link.host_veth
+        )),
+        "0"
+    );
+
+    w.node.enter(|| dp.check(&link)).expect("check after setup");
+}
+
+#[test]
+fn two_pods_ping_each_other_through_the_node() {
+    if !privileged() {
+        return;
+    }
+    let w = World::new(2);
+    let a = w.link(0, "10.244.0.2");
+    let b = w.link(1, "10.244.0.3");
+    let dp = LinuxDataplane::new();
+    w.node.enter(|| dp.setup(&a)).expect("setup a");
+    // The second one from inside a tokio runtime, as an async caller would.
+    w.node
+        .enter(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("runtime");
+            rt.block_on(async { dp.setup(&b) })
+        })
+        .expect("setup b");
+    assert!(
+        w.pods[0].exec_ok(&["ping", "-c1", "-W1", "10.244.0.3"]),
+        "pod0 cannot reach pod1"
+    );
+    assert!(
+        w.pods[1].exec_ok(&["ping", "-c1", "-W1", "10.244.0.2"]),
+        "pod1 cannot reach pod0"
+    );
+}
+
+#[test]
+fn stale_host_veth_is_replaced() {
+    if !privileged() {
+        return;
+    }
+    let w = World::new(1);
+    let link = w.link(0, "10.244.0.4");
+    // Left over from an earlier ADD whose pod netns is long gone.
+    w.node.ip(&[
+        "link",
+        "add",
+        &link.host_veth,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "oldpeer",
+    ]);
+    let dp = LinuxDataplane::new();
+    w.node
+        .enter(|| dp.setup(&link))
+        .expect("setup over stale veth");
+    assert!(!w.host_has("oldpeer"), "stale peer should be gone");
+    assert!(w.host_has(&link.host_veth));
+    w.node.enter(|| dp.check(&link)).expect("check");
+}
+
+#[test]
+fn existing_pod_interface_is_an_error_and_left_alone() {
+    if !privileged() {
+        return;
+    }
+    let w = World::new(1);
+    let link = w.link(0, "10.244.0.5");
+    w.pods[0].ip(&["link", "add", "eth0", "type", "bridge"]);
+    let dp = LinuxDataplane::new();
+    let err = w.node.enter(|| dp.setup(&link)).expect_err("must fail");
+    assert!(
+        matches!(err, DataplaneError::InterfaceExists { ref ifname, .. } if ifname == "eth0"),
+        "{err:?}"
+    );
+    let eth0 = w.pods[0].ip(&["-d", "link", "show", "eth0"]);
+    assert!(eth0.contains("bridge"), "{eth0}");
+    assert!(!w.host_has(&link.host_veth));
+}
+
+#[test]
+fn missing_netns_is_reported() {
+    if !privileged() {
+        return;
+    }
+    let w = World::new(0);
+    let mut link = w.link_without_pod("10.244.0.6");
+    link.netns = PathBuf::from("/run/netns/fyd-does-not-exist");
+    let dp = LinuxDataplane::new();
+    let err = w.node.enter(|| dp.setup(&link)).expect_err("must fail");
+    assert!(
+        matches!(err, DataplaneError::NetnsMissing { .. }),
+        "{err:?}"
+    );
+    assert!(!w.host_has(&link.host_veth));
+}
+
+impl World {
+    fn link_without_pod(&self, ip: &str) -> PodLink {
+        PodLink {
+            netns: PathBuf::new(),
+            ifname: "eth0".into(),
+            host_veth: "fry0testnone".into(),
+            addresses: vec![Ipv4Net::new(ip.parse().expect("ip"), 32).expect("net")],
+            gateway: Ipv4Addr::new(169, 254, 1, 1),
+            mtu: 0,
+        }
+    }
+}
+
+#[test]
+fn failed_setup_leaves_nothing_behind() {
+    if !privileged() {
+        return;
+    }
+    let w = World::new(1);
+    let mut link = w.link(0, "10.244.0.7");
+    // The same address twice: the second add fails after the veth exists.
+    link.addresses.push(link.addresses[0]);
+    let dp = LinuxDataplane::new();
+    let err = w.node.enter(|| dp.setup(&link)).expect_err("must fail");
+    assert!(matches!(err, DataplaneError::Netlink { .. }), "{err:?}");
+    assert!(!w.host_has(&link.host_veth), "host veth left behind");
+    let pod_links = w.pods[0].ip(&["-o", "link", "show"]);
+    assert!(!pod_links.contains("eth0"), "{pod_links}");
+    let node_routes = w.node.ip(&["-4", "route", "show"]);
+    assert!(!node_routes.contains("10.244.0.7"), "{node_routes}");
+}
+
+#[test]
+fn teardown_twice_is_ok() {
+    if !privileged() {
+        return;
+    }
+    let w = World::new(1);
+    let link = w.link(0, "10.244.0.8");
+    let dp = LinuxDataplane::new();
+    w.node.enter(|| dp.setup(&link)).expect("setup");
+    for round in 0..2 {
+        w.node
+            .enter(|| dp.teardown(&link.host_veth, Some(&link.netns), &link.ifname))
+            .unwrap_or_else(|e| panic!("teardown round {round}: {e}"));
+    }
+    assert!(!w.host_has(&link.host_veth));
+    let pod_links = w.pods[0].ip(&["-o", "link", "show"]);
+    assert!(!pod_links.contains("eth0"), "{pod_links}");
+    let node_routes = w.node.ip(&["-4", "route", "show"]);
+    assert!(!node_routes.contains("10.244.0.8"), "{node_routes}");
+}
+
+#[test]
+fn teardown_with_netns_gone_or_absent_is_ok() {
+    if !privileged() {
+        return;
+    }
+    let w = World::new(2);
+    let dp = LinuxDataplane::new();
+
+    // Pod netns deleted under us: the kernel took both veth ends with it.
+    let a = w.link(0, "10.244.0.9");
+    w.node.enter(|| dp.setup(&a)).expect("setup a");
+    run("ip", &["netns", "del", &w.pods[0].name]);
+    w.node
+        .enter(|| dp.teardown(&a.host_veth, Some(&a.netns), &a.ifname))
+        .expect("teardown with netns gone");
+
+    // No netns given: the host side alone goes, and the peer with it.
+    let b = w.link(1, "10.244.0.10");
+    w.node.enter(|| dp.setup(&b)).expect("setup b");
+    w.node
+        .enter(|| dp.teardown(&b.host_veth, None, &b.ifname))
+        .expect("teardown without netns");
+    assert!(!w.host_has(&b.host_veth));
+    let pod_links = w.pods[1].ip(&["-o", "link", "show"]);
+    assert!(!pod_links.contains("eth0"), "{pod_links}");
+
+    // Nothing at all left: still fine.
+    w.node
+        .enter(|| {
+            dp.teardown(
+                "fry0testgone",
+                Some(Path::new("/run/netns/fyd-nope")),
+                "eth0",
+            )
+        })
+        .expect("teardown of nothing");
+}
+
+#[test]
+fn teardown_removes_orphan_pod_veth_but_not_other_links() {
+    if !privileged() {
+        return;
+    }
+    let w = World::new(2);
+    let dp = LinuxDataplane::new();
+    // A veth whose other end is not on the host (the host end is gone).
+    w.pods[0].ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "other",
+    ]);
+    w.node
+        .enter(|| dp.teardown("fry0testgone", Some(&w.pods[0].path()), "eth0"))
+        .expect("teardown");
+    let links = w.pods[0].ip(&["-o", "link", "show"]);
+    assert!(!links.contains("eth0"), "{links}");
+
+    // Not a veth: not ours, so it stays.
+    w.pods[1].ip(&["link", "add", "eth0", "type", "bridge"]);
+    w.node
+        .enter(|| dp.teardown("fry0testgone", Some(&w.pods[1].path()), "eth0"))
+        .expect("teardown");
+    let links = w.pods[1].ip(&["-o", "link", "show"]);
+    assert!(links.contains("eth0"), "{links}");
+}
+
+#[test]
+fn check_detects_drift() {
+    if !privileged() {
+        return;
+    }
+    let w = World::new(1);
+    let link = w.link(0, "10.244.0.11");
+    let dp = LinuxDataplane::new();
+    w.node.enter(|| dp.setup(&link)).expect("setup");
+    w.node.enter(|| dp.check(&link)).expect("clean check");
+
+    w.pods[0].ip(&["route", "del", "default"]);
+    let err = w
+        .node
+        .enter(|| dp.check(&link))
+        .expect_err("default route gone");
+    assert!(
+        matches!(err, DataplaneError::Mismatch(ref m) if m.contains("default route")),
+        "{err:?}"
+    );
+
+    w.pods[0].ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+    ]);
+    w.node.enter(|| dp.check(&link)).expect("repaired");
+
+    w.node.ip(&["route", "del", "10.244.0.11/32"]);
+    let err = w
+        .node
+        .enter(|| dp.check(&link))
+        .expect_err("host route gone");
+    assert!(
+        matches!(err, DataplaneError::Mismatch(ref m) if m.contains("host route 10.244.0.11/32")),
+        "{err:?}"
+    );
+
+    // An extra address in the pod is drift too.
+    w.pods[0].ip(&["addr", "add", "10.244.0.99/32", "dev", "eth0"]);
+    let err = w.node.enter(|| dp.check(&link)).expect_err("extra address");
+    assert!(
+        matches!(err, DataplaneError::Mismatch(ref m) if m.contains("10.244.0.99/32")),
+        "{err:?}"
+    );
+}
+
+/// Not a benchmark, but prints what one setup and one teardown cost here
+/// (`cargo test -p ferry timings -- --nocapture`).
+#[test]
+fn setup_and_teardown_timings() {
+    if !privileged() {
+        return;
+    }
+    let w = World::new(1);
+    let link = w.link(0, "10.244.0.12");
+    let dp = LinuxDataplane::new();
+    let (mut setups, mut teardowns) = w.node.enter(|| {
+        let mut setups = Vec::new();
+        let mut teardowns = Vec::new();
+        for _ in 0..15 {
+            let t = Instant::now();
+            dp.setup(&link).expect("setup");
+            setups.push(t.elapsed());
+            let t = Instant::now();
+            dp.teardown(&link.host_veth, Some(&link.netns), &link.ifname)
+                .expect("teardown");
+            teardowns.push(t.elapsed());
+        }
+        (setups, teardowns)
+    });
+    setups.sort();
+    teardowns.sort();
+    let p = |v: &[Duration], q: usize| v[(v.len() - 1) * q / 100];
+    eprintln!(
+        "setup p50 {:?} p90 {:?}; teardown p50 {:?} p90 {:?}",
+        p(&setups, 50),
+        p(&setups, 90),
+        p(&teardowns, 50),
+        p(&teardowns, 90)
+    );
+}
