@@ -72,7 +72,13 @@ fn read_stdin() -> Result<Vec<u8>, CniError> {
 /// Logs to `logFile` (appended) and stderr; stderr only without a config.
 fn init_logging(conf: Option<&NetConf>) {
     let level = conf.map_or("info", |c| c.log_level.as_str());
-    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    // A bare level is for ferry's own code; at debug, h2/hyper would log every frame.
+    let directive = if level.contains('=') || level.contains(',') {
+        level.to_string()
+    } else {
+        format!("warn,ferry={level},ferry_proto={level}")
+    };
+    let filter = EnvFilter::try_new(directive).unwrap_or_else(|_| EnvFilter::new("info"));
     let mut file_problem = None;
     let file = conf
         .map(|c| c.log_file.as_str())

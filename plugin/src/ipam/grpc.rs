@@ -86,6 +86,12 @@ impl GrpcIpam {
 
     /// The one place a tonic Status becomes an IpamClientError (CONTRACTS.md).
     fn map_status(&self, s: Status) -> IpamClientError {
+        // ipamd's own statuses never carry a source; one that does was made
+        // on this side from a broken connection (reset mid-call, refused),
+        // whatever its code: ipamd may be restarting, so try again.
+        if std::error::Error::source(&s).is_some() {
+            return self.unreachable(error_chain(&s));
+        }
         let msg = s.message().to_string();
         match s.code() {
             Code::ResourceExhausted => IpamClientError::Exhausted(msg),
@@ -93,11 +99,6 @@ impl GrpcIpam {
             Code::FailedPrecondition => IpamClientError::VersionMismatch(msg),
             Code::InvalidArgument => IpamClientError::InvalidRequest(msg),
             Code::DeadlineExceeded | Code::Cancelled => self.unreachable(msg),
-            // tonic reports a broken transport as UNAVAILABLE with the
-            // transport error as source; ipamd's own UNAVAILABLE has none.
-            Code::Unavailable if std::error::Error::source(&s).is_some() => {
-                self.unreachable(error_chain(&s))
-            }
             Code::Unavailable => IpamClientError::Unavailable(msg),
             _ => IpamClientError::Internal(format!("ipamd: {msg}")),
         }
@@ -296,6 +297,21 @@ mod tests {
         for (status, want) in cases {
             let got = format!("{:?}", c.map_status(status));
             assert!(got.starts_with(want), "{got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn a_connection_broken_mid_call_is_unreachable_whatever_the_code() {
+        let c = client("/x.sock");
+        for code in [Code::Unknown, Code::Unavailable, Code::Internal] {
+            let mut status = Status::new(code, "transport error");
+            let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+            status.set_source(std::sync::Arc::new(reset));
+            let got = c.map_status(status);
+            assert!(
+                matches!(got, IpamClientError::Unreachable(ref m) if m.contains("/x.sock")),
+                "{code:?}: {got:?}"
+            );
         }
     }
 
