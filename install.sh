@@ -1,0 +1,436 @@
+#!/usr/bin/env bash
+# install.sh: set up ferry on one node.
+#
+# Installs the ferry CNI plugin, ipamd and ipamctl, writes ipamd.toml, starts
+# ipamd (a systemd unit where systemd runs, else a small supervisor loop),
+# waits until `ipamctl status` says it is ready, and only then writes the CNI
+# conflist, so the runtime never sends a pod to a node whose ipamd is not up.
+# `--uninstall` undoes it in the reverse order (conflist first).
+set -euo pipefail
+
+readonly UNIT_NAME=ferry-ipamd.service
+readonly CONFLIST_NAME=10-ferry.conflist
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+readonly SCRIPT_DIR
+
+# Defaults; every one can be set from the environment, and flags beat both.
+PREFIX=${FERRY_PREFIX:-/usr/local}
+CNI_BIN_DIR=${FERRY_CNI_BIN_DIR:-/opt/cni/bin}
+CNI_CONF_DIR=${FERRY_CNI_CONF_DIR:-/etc/cni/net.d}
+CONFIG_DIR=${FERRY_CONFIG_DIR:-/etc/ferry}
+SOCKET=${FERRY_SOCKET:-${FERRY_IPAMD_SOCKET:-/run/ferry/ipamd.sock}}
+STATE_DIR=${FERRY_STATE_DIR:-/var/lib/ferry}
+LOG_DIR=${FERRY_LOG_DIR:-/var/log/ferry}
+UNIT_DIR=${FERRY_SYSTEMD_UNIT_DIR:-/etc/systemd/system}
+NODE_NAME=${FERRY_NODE_NAME:-}
+POD_CIDR=${FERRY_POD_CIDR:-10.244.0.0/16}
+BLOCK_SIZE=${FERRY_BLOCK_SIZE:-26}
+FROM=${FERRY_FROM:-}
+CNI_VERSION=${FERRY_CNI_VERSION:-auto}
+PORTMAP=${FERRY_PORTMAP:-auto}
+WAIT_SECS=${FERRY_WAIT_SECS:-30}
+NO_SYSTEMD=${FERRY_NO_SYSTEMD:-0}
+UNINSTALL=0
+PURGE=0
+
+usage() {
+	cat <<EOF
+Usage: install.sh [options]            install ferry on this node and start ipamd
+       install.sh --uninstall [options] remove it (conflist first); --purge also drops state and logs
+
+Options (environment variable in brackets; flag beats variable beats default):
+  --from DIR           where ferry, ipamd, ipamctl are [FERRY_FROM] (default: ./target/release)
+  --prefix DIR         ipamd and ipamctl go to DIR/bin [FERRY_PREFIX] (default: /usr/local)
+  --cni-bin-dir DIR    the ferry plugin goes here [FERRY_CNI_BIN_DIR] (default: /opt/cni/bin)
+  --cni-conf-dir DIR   $CONFLIST_NAME goes here [FERRY_CNI_CONF_DIR] (default: /etc/cni/net.d)
+  --config-dir DIR     ipamd.toml goes here [FERRY_CONFIG_DIR] (default: /etc/ferry)
+  --socket PATH        ipamd's Unix socket [FERRY_SOCKET] (default: /run/ferry/ipamd.sock)
+  --state-dir DIR      ipamd's database [FERRY_STATE_DIR] (default: /var/lib/ferry)
+  --log-dir DIR        ipamd.log and the plugin's cni.log [FERRY_LOG_DIR] (default: /var/log/ferry)
+  --unit-dir DIR       where the systemd unit goes [FERRY_SYSTEMD_UNIT_DIR] (default: /etc/systemd/system)
+  --node-name NAME     [FERRY_NODE_NAME] (default: hostname)
+  --pod-cidr CIDR      the default pool [FERRY_POD_CIDR] (default: 10.244.0.0/16)
+  --block-size N       per-node block prefix length [FERRY_BLOCK_SIZE] (default: 26)
+  --cni-version V      the conflist's cniVersion [FERRY_CNI_VERSION] (default: auto = 1.1.0,
+                       or 1.0.0 when the portmap in the CNI bin dir cannot speak 1.1.0)
+  --portmap | --no-portmap
+                       chain portmap after ferry [FERRY_PORTMAP=1|0] (default: when the CNI
+                       bin dir has portmap)
+  --wait SECS          how long to wait for ipamd to be ready [FERRY_WAIT_SECS] (default: 30)
+  --no-systemd         run ipamd under a supervisor loop even where systemd runs [FERRY_NO_SYSTEMD=1]
+  --uninstall          remove ferry from this node (state dir kept)
+  --purge              with --uninstall: also remove the state dir and ferry's logs
+  -h, --help           this text
+
+Without systemd (or with --no-systemd) ipamd runs under a bash supervisor that
+restarts it when it dies; their PIDs are in ipamd.pid and ipamd-supervisor.pid
+next to the socket.
+EOF
+}
+
+die() {
+	echo "install.sh: error: $*" >&2
+	exit 1
+}
+log() { echo "install.sh: $*"; }
+
+need_arg() {
+	[[ $# -ge 2 && -n $2 ]] || die "$1 needs a value"
+}
+
+while [[ $# -gt 0 ]]; do
+	case $1 in
+	--from) need_arg "$@"; FROM=$2; shift 2 ;;
+	--prefix) need_arg "$@"; PREFIX=$2; shift 2 ;;
+	--cni-bin-dir) need_arg "$@"; CNI_BIN_DIR=$2; shift 2 ;;
+	--cni-conf-dir) need_arg "$@"; CNI_CONF_DIR=$2; shift 2 ;;
+	--config-dir) need_arg "$@"; CONFIG_DIR=$2; shift 2 ;;
+	--socket) need_arg "$@"; SOCKET=$2; shift 2 ;;
+	--state-dir) need_arg "$@"; STATE_DIR=$2; shift 2 ;;
+	--log-dir) need_arg "$@"; LOG_DIR=$2; shift 2 ;;
+	--unit-dir) need_arg "$@"; UNIT_DIR=$2; shift 2 ;;
+	--node-name) need_arg "$@"; NODE_NAME=$2; shift 2 ;;
+	--pod-cidr) need_arg "$@"; POD_CIDR=$2; shift 2 ;;
+	--block-size) need_arg "$@"; BLOCK_SIZE=$2; shift 2 ;;
+	--cni-version) need_arg "$@"; CNI_VERSION=$2; shift 2 ;;
+	--portmap) PORTMAP=1; shift ;;
+	--no-portmap) PORTMAP=0; shift ;;
+	--wait) need_arg "$@"; WAIT_SECS=$2; shift 2 ;;
+	--no-systemd) NO_SYSTEMD=1; shift ;;
+	--uninstall) UNINSTALL=1; shift ;;
+	--purge) PURGE=1; shift ;;
+	-h | --help) usage; exit 0 ;;
+	*) usage >&2; die "unknown argument: $1" ;;
+	esac
+done
+
+[[ $BLOCK_SIZE =~ ^[0-9]+$ ]] || die "--block-size must be a number, got '$BLOCK_SIZE'"
+[[ $WAIT_SECS =~ ^[0-9]+$ ]] || die "--wait must be a number of seconds, got '$WAIT_SECS'"
+[[ -n $NODE_NAME ]] || NODE_NAME=$(hostname)
+
+RUN_DIR=$(dirname "$SOCKET")
+CONFIG_FILE=$CONFIG_DIR/ipamd.toml
+CONFLIST=$CNI_CONF_DIR/$CONFLIST_NAME
+UNIT_FILE=$UNIT_DIR/$UNIT_NAME
+PIDFILE=$RUN_DIR/ipamd.pid
+SUPERVISOR_PIDFILE=$RUN_DIR/ipamd-supervisor.pid
+SUPERVISOR=$PREFIX/bin/ferry-ipamd-supervisor
+IPAMD_LOG=$LOG_DIR/ipamd.log
+IPAMCTL=$PREFIX/bin/ipamctl
+
+systemd_running() {
+	[[ $NO_SYSTEMD != 1 && -d /run/systemd/system ]] && [[ $(cat /proc/1/comm 2>/dev/null) == systemd ]]
+}
+
+# A TOML basic string.
+toml_str() {
+	local s=${1//\\/\\\\}
+	s=${s//\"/\\\"}
+	printf '"%s"' "$s"
+}
+
+# A JSON string (same escaping rules for what we write).
+json_str() { toml_str "$1"; }
+
+# Writes stdin to $1 atomically: a temp file in the same directory, then mv.
+write_atomic() {
+	local dest=$1 mode=$2 tmp
+	mkdir -p "$(dirname "$dest")"
+	tmp=$(mktemp "$(dirname "$dest")/.$(basename "$dest").XXXXXX")
+	if ! cat >"$tmp"; then
+		rm -f "$tmp"
+		die "cannot write $dest"
+	fi
+	chmod "$mode" "$tmp"
+	mv -f "$tmp" "$dest"
+}
+
+# True while the process runs (a zombie waiting to be reaped counts as gone).
+pid_alive() {
+	local stat
+	[[ -n ${1:-} ]] && kill -0 "$1" 2>/dev/null || return 1
+	stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+	stat=${stat##*) }
+	[[ ${stat%% *} != Z ]]
+}
+
+read_pid() {
+	local f=$1 pid=""
+	if [[ -r $f ]]; then read -r pid <"$f" || true; fi
+	if [[ $pid =~ ^[0-9]+$ ]]; then echo "$pid"; fi
+}
+
+# Stops the supervisor (which stops ipamd gracefully), then anything left.
+stop_supervised() {
+	local sup ipamd deadline
+	sup=$(read_pid "$SUPERVISOR_PIDFILE")
+	ipamd=$(read_pid "$PIDFILE")
+	if pid_alive "$sup"; then
+		log "stopping the ipamd supervisor (pid $sup)"
+		kill -TERM "$sup" 2>/dev/null || true
+	elif pid_alive "$ipamd"; then
+		kill -TERM "$ipamd" 2>/dev/null || true
+	fi
+	deadline=$((SECONDS + 20))
+	while { pid_alive "$sup" || pid_alive "$ipamd"; } && ((SECONDS < deadline)); do
+		sleep 0.1
+	done
+	for p in "$sup" "$ipamd"; do
+		if pid_alive "$p"; then
+			echo "install.sh: pid $p did not stop on SIGTERM; killing it" >&2
+			kill -KILL "$p" 2>/dev/null || true
+		fi
+	done
+	rm -f "$SUPERVISOR_PIDFILE" "$PIDFILE"
+}
+
+stop_ipamd() {
+	if [[ -f $UNIT_FILE ]] && command -v systemctl >/dev/null && systemd_running; then
+		log "stopping and disabling $UNIT_NAME"
+		systemctl disable --now "$UNIT_NAME" >/dev/null 2>&1 || true
+	fi
+	stop_supervised
+}
+
+write_supervisor() {
+	write_atomic "$SUPERVISOR" 0755 <<'EOF'
+#!/usr/bin/env bash
+# ferry-ipamd-supervisor IPAMD CONFIG PIDFILE SUPERVISOR_PIDFILE LOG
+# Written by ferry's install.sh: keeps ipamd running where there is no systemd.
+# SIGTERM stops ipamd gracefully, then the supervisor.
+set -uo pipefail
+ipamd=$1 config=$2 pidfile=$3 suppidfile=$4 logfile=$5
+child="" pause=""
+echo $$ >"$suppidfile"
+stop() {
+	[[ -n $pause ]] && kill -TERM "$pause" 2>/dev/null
+	if [[ -n $child ]] && kill -0 "$child" 2>/dev/null; then
+		kill -TERM "$child" 2>/dev/null
+		wait "$child" 2>/dev/null
+	fi
+	rm -f "$pidfile" "$suppidfile"
+	exit 0
+}
+trap stop TERM INT HUP
+while :; do
+	"$ipamd" --config "$config" </dev/null >>"$logfile" 2>&1 &
+	child=$!
+	echo "$child" >"$pidfile"
+	wait "$child"
+	rc=$?
+	echo "$(date '+%F %T') ferry-ipamd-supervisor: ipamd (pid $child) exited with $rc; restarting in 1 s" >>"$logfile"
+	# Restart back-off; interruptible by SIGTERM.
+	sleep 1 &
+	pause=$!
+	wait "$pause"
+	pause=""
+done
+EOF
+}
+
+start_supervised() {
+	stop_supervised
+	mkdir -p "$RUN_DIR" "$LOG_DIR"
+	local runner=()
+	command -v setsid >/dev/null && runner=(setsid)
+	log "starting ipamd under $SUPERVISOR (log $IPAMD_LOG)"
+	nohup "${runner[@]}" "$SUPERVISOR" "$PREFIX/bin/ipamd" "$CONFIG_FILE" "$PIDFILE" \
+		"$SUPERVISOR_PIDFILE" "$IPAMD_LOG" </dev/null >>"$LOG_DIR/ipamd-supervisor.log" 2>&1 &
+	# The supervisor writes its own PID first thing; wait for it.
+	local deadline=$((SECONDS + 10))
+	until [[ -s $SUPERVISOR_PIDFILE ]]; do
+		((SECONDS < deadline)) || die "the ipamd supervisor did not start (see $LOG_DIR/ipamd-supervisor.log)"
+		sleep 0.05
+	done
+}
+
+start_systemd() {
+	write_atomic "$UNIT_FILE" 0644 <<EOF
+# Written by ferry's install.sh.
+[Unit]
+Description=ferry per-node IPAM daemon
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+ExecStart=$PREFIX/bin/ipamd --config $CONFIG_FILE
+Restart=always
+RestartSec=1
+KillSignal=SIGTERM
+TimeoutStopSec=20
+LimitNOFILE=65536
+
+[Install]
+WantedBy=multi-user.target
+EOF
+	systemctl daemon-reload
+	systemctl enable "$UNIT_NAME" >/dev/null 2>&1
+	log "restarting $UNIT_NAME"
+	systemctl restart "$UNIT_NAME"
+}
+
+ipamd_log_tail() {
+	if [[ -f $UNIT_FILE ]] && systemd_running; then
+		journalctl -u "$UNIT_NAME" -n 40 --no-pager 2>&1 || true
+	else
+		tail -n 40 "$IPAMD_LOG" 2>&1 || true
+	fi
+}
+
+wait_ready() {
+	local deadline=$((SECONDS + WAIT_SECS)) sup
+	until "$IPAMCTL" --socket "$SOCKET" status >/dev/null 2>&1; do
+		if ((SECONDS >= deadline)); then
+			{
+				echo "install.sh: error: ipamd did not become ready within ${WAIT_SECS}s ($IPAMCTL --socket $SOCKET status)"
+				"$IPAMCTL" --socket "$SOCKET" status 2>&1 || true
+				echo "--- ipamd log (last lines):"
+				ipamd_log_tail
+			} >&2
+			return 1
+		fi
+		if ! systemd_running; then
+			sup=$(read_pid "$SUPERVISOR_PIDFILE")
+			if ! pid_alive "$sup"; then
+				{
+					echo "install.sh: error: the ipamd supervisor died"
+					ipamd_log_tail
+				} >&2
+				return 1
+			fi
+		fi
+		sleep 0.2
+	done
+}
+
+conflist_version() {
+	local with_portmap=$1 versions
+	if [[ $CNI_VERSION != auto ]]; then
+		echo "$CNI_VERSION"
+		return
+	fi
+	if [[ $with_portmap == 1 ]]; then
+		versions=$(CNI_COMMAND=VERSION "$CNI_BIN_DIR/portmap" <<<'{"cniVersion":"0.4.0"}' 2>/dev/null || true)
+		if [[ $versions != *'"1.1.0"'* ]]; then
+			echo 1.0.0
+			return
+		fi
+	fi
+	echo 1.1.0
+}
+
+write_conflist() {
+	local with_portmap=$PORTMAP version portmap_entry=""
+	if [[ $with_portmap == auto ]]; then
+		if [[ -x $CNI_BIN_DIR/portmap ]]; then with_portmap=1; else with_portmap=0; fi
+	fi
+	if [[ $with_portmap == 1 ]]; then
+		[[ -x $CNI_BIN_DIR/portmap ]] || echo "install.sh: warning: $CNI_BIN_DIR/portmap is missing; pods will fail until it is installed" >&2
+		portmap_entry=',
+    {"type": "portmap", "capabilities": {"portMappings": true}}'
+	fi
+	version=$(conflist_version "$with_portmap")
+	write_atomic "$CONFLIST" 0644 <<EOF
+{
+  "cniVersion": "$version",
+  "name": "ferry",
+  "plugins": [
+    {"type": "ferry", "ipamd": {"socket": $(json_str "$SOCKET"), "timeoutMs": 5000},
+     "mtu": 0, "logFile": $(json_str "$LOG_DIR/cni.log"), "logLevel": "info"}$portmap_entry
+  ]
+}
+EOF
+	log "wrote $CONFLIST (cniVersion $version$([[ $with_portmap == 1 ]] && echo ', with portmap'))"
+}
+
+do_install() {
+	if [[ -z $FROM ]]; then
+		if [[ -x $SCRIPT_DIR/target/release/ipamd ]]; then
+			FROM=$SCRIPT_DIR/target/release
+		elif [[ -x ./target/release/ipamd ]]; then
+			FROM=./target/release
+		else
+			die "no binaries: build with 'cargo build --release' or pass --from DIR"
+		fi
+	fi
+	local b
+	for b in ferry ipamd ipamctl; do
+		[[ -x $FROM/$b ]] || die "$FROM/$b is missing (cargo build --release, or --from DIR)"
+	done
+
+	log "installing $CNI_BIN_DIR/ferry, $PREFIX/bin/ipamd, $PREFIX/bin/ipamctl"
+	install -d -m 0755 "$CNI_BIN_DIR" "$PREFIX/bin"
+	# install(1) replaces the file (new inode), so a running ipamd is not disturbed.
+	install -m 0755 "$FROM/ferry" "$CNI_BIN_DIR/ferry"
+	install -m 0755 "$FROM/ipamd" "$PREFIX/bin/ipamd"
+	install -m 0755 "$FROM/ipamctl" "$PREFIX/bin/ipamctl"
+
+	install -d -m 0755 "$CONFIG_DIR" "$LOG_DIR"
+	install -d -m 0700 "$STATE_DIR"
+	write_atomic "$CONFIG_FILE" 0644 <<EOF
+# ferry ipamd configuration, written by install.sh. Flags given to ipamd beat
+# these values; see ipamd --help for the rest ([[pools]], cooldown, ...).
+socket = $(toml_str "$SOCKET")
+state_dir = $(toml_str "$STATE_DIR")
+node_name = $(toml_str "$NODE_NAME")
+pod_cidr = $(toml_str "$POD_CIDR")
+block_size = $BLOCK_SIZE
+EOF
+	log "wrote $CONFIG_FILE"
+
+	if systemd_running; then
+		stop_supervised
+		start_systemd
+	else
+		write_supervisor
+		start_supervised
+	fi
+
+	log "waiting up to ${WAIT_SECS}s for ipamd on $SOCKET"
+	wait_ready || die "ipamd is not ready; not writing the CNI conflist"
+	log "ipamd is ready"
+
+	# Last: from now on the runtime sends pods to ferry.
+	write_conflist
+	log "done"
+}
+
+do_uninstall() {
+	# First, so that no new pod is sent to a node that is being taken apart.
+	if [[ -e $CONFLIST ]]; then
+		rm -f "$CONFLIST"
+		log "removed $CONFLIST"
+	fi
+	stop_ipamd
+	if [[ -f $UNIT_FILE ]]; then
+		rm -f "$UNIT_FILE"
+		if systemd_running; then systemctl daemon-reload || true; fi
+		log "removed $UNIT_FILE"
+	fi
+	rm -f "$SOCKET" "$PIDFILE" "$SUPERVISOR_PIDFILE"
+	rm -f "$CNI_BIN_DIR/ferry" "$PREFIX/bin/ipamd" "$PREFIX/bin/ipamctl" "$SUPERVISOR"
+	log "removed the binaries"
+	rm -f "$CONFIG_FILE"
+	rmdir "$CONFIG_DIR" 2>/dev/null || true
+	rmdir "$RUN_DIR" 2>/dev/null || true
+	if [[ $PURGE == 1 ]]; then
+		case $STATE_DIR in
+		"" | / | /var | /var/lib | /usr | /etc) die "refusing to remove state dir '$STATE_DIR'" ;;
+		esac
+		rm -rf "$STATE_DIR"
+		rm -f "$IPAMD_LOG" "$LOG_DIR/ipamd-supervisor.log" "$LOG_DIR/cni.log"
+		rmdir "$LOG_DIR" 2>/dev/null || true
+		log "purged $STATE_DIR and ferry's logs in $LOG_DIR"
+	else
+		log "kept the state in $STATE_DIR (use --purge to remove it)"
+	fi
+	log "ferry is uninstalled"
+}
+
+[[ $(id -u) == 0 ]] || die "run as root"
+if [[ $UNINSTALL == 1 ]]; then
+	do_uninstall
+else
+	[[ $PURGE == 0 ]] || die "--purge goes with --uninstall"
+	do_install
+fi

@@ -1,0 +1,188 @@
+//! Small helpers: where the binaries are, unique names, polling, child guards.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+
+/// The workspace root (the directory holding the top-level Cargo.toml).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// Where ferry's binaries are: `$FERRY_BIN_DIR`, else `<workspace>/target/release`.
+///
+/// Panics with "run cargo build --release first" when `ferry`, `ipamd` or
+/// `ipamctl` is missing there.
+pub fn bin_dir() -> PathBuf {
+    let dir = match std::env::var_os("FERRY_BIN_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => workspace_root().join("target").join("release"),
+    };
+    for name in ["ferry", "ipamd", "ipamctl"] {
+        if !dir.join(name).is_file() {
+            panic!(
+                "{} is missing: run cargo build --release first (or set FERRY_BIN_DIR)",
+                dir.join(name).display()
+            );
+        }
+    }
+    dir
+}
+
+/// Full path of one of ferry's binaries (`ferry`, `ipamd`, `ipamctl`) in [`bin_dir`].
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// Where the reference CNI plugins (portmap, loopback, ...) live:
+/// `$FERRY_CNI_PLUGIN_DIR`, else `/usr/lib/cni` (Debian's
+/// containernetworking-plugins), else `/opt/cni/bin`.
+pub fn cni_plugin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("FERRY_CNI_PLUGIN_DIR")
+        && !d.is_empty()
+    {
+        return PathBuf::from(d);
+    }
+    for d in ["/usr/lib/cni", "/opt/cni/bin"] {
+        if Path::new(d).join("portmap").is_file() {
+            return PathBuf::from(d);
+        }
+    }
+    PathBuf::from("/usr/lib/cni")
+}
+
+/// True when we run as root (euid 0).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Panics unless we are root: the e2e tests create network namespaces.
+pub fn require_root() {
+    if !is_root() {
+        panic!(
+            "this end-to-end test needs root (it creates network namespaces): run tests/run-all.sh as root"
+        );
+    }
+}
+
+/// A short name unique to this process and call: `<prefix><pid>x<n>`.
+///
+/// Keep prefixes to 3-4 characters when the result names an interface
+/// (at most 15 bytes).
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}{}x{n}", std::process::id())
+}
+
+/// A fresh 64-hex-character container ID, like the ones containerd makes.
+pub fn random_container_id() -> String {
+    (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
+/// Polls `f` every 50 ms until it returns `Ok(Some(v))`, or fails after
+/// `timeout` with `what` and the last error in the message.
+///
+/// This is the only way tests wait for readiness: never a bare sleep.
+pub fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    let mut last_err = String::new();
+    loop {
+        match f() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = format!("{e:#}"),
+        }
+        if Instant::now() >= deadline {
+            if last_err.is_empty() {
+                bail!("timed out after {timeout:?} waiting for {what}");
+            }
+            bail!("timed out after {timeout:?} waiting for {what}; last error: {last_err}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sends `sig` to `pid` (a process we started ourselves).
+pub(crate) fn signal(pid: u32, sig: libc::c_int) -> bool {
+    // SAFETY: kill(2) with a concrete positive PID we spawned; no memory involved.
+    unsafe { libc::kill(pid as libc::pid_t, sig) == 0 }
+}
+
+/// Waits for `child` up to `timeout`; `None` if it is still running.
+pub(crate) fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) => {}
+            Err(_) => return None,
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Owns a child process; on drop it is SIGKILLed (by its PID) and reaped.
+pub struct ChildGuard {
+    child: Option<Child>,
+}
+
+impl ChildGuard {
+    pub fn new(child: Child) -> Self {
+        Self { child: Some(child) }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// The child, while we still own it.
+    pub fn child_mut(&mut self) -> Option<&mut Child> {
+        self.child.as_mut()
+    }
+
+    /// SIGTERM, then wait up to `timeout`; SIGKILL if it is still there.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        signal(child.id(), libc::SIGTERM);
+        match wait_timeout(&mut child, timeout) {
+            Some(st) => Some(st),
+            None => {
+                let _ = child.kill();
+                child.wait().ok()
+            }
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = child.kill();
+        child.wait().ok()
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,161 @@
+//! DEL in the situations that leave pods stuck in Terminating elsewhere:
+//! CNI_NETNS empty, CNI_NETNS pointing at a namespace that is gone, and ipamd
+//! down. In the last case DEL tears down the dataplane and succeeds, and
+//! ipamd's reconcile frees the address once it is back.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use ferry_tests::*;
+use serde_json::{Value, json};
+
+fn held_ips(ipamd: &Ipamd) -> Result<Vec<(String, Ipv4Addr)>> {
+    ipamd
+        .allocations()?
+        .iter()
+        .map(|a| {
+            let cid = a["containerId"]
+                .as_str()
+                .context("containerId")?
+                .to_string();
+            let ip = a["ip"].as_str().context("ip")?.parse()?;
+            Ok((cid, ip))
+        })
+        .collect()
+}
+
+fn add(rt: &Runtime, list: &Value, pod: &Pod) -> Result<Ipv4Addr> {
+    let out = rt.add(list, &CniCall::add(pod), &json!({}))?;
+    ensure!(out.success(), "ADD failed: {out}");
+    out.ips().first().copied().context("ADD returned no IP")
+}
+
+#[test]
+fn del_with_empty_or_vanished_netns_frees_everything() -> Result<()> {
+    require_root();
+    let fabric = Fabric::new()?;
+    let node = fabric.add_node()?;
+    let ipamd = Ipamd::start(&node, IpamdConfig::default())?;
+    let rt = Runtime::new(Cni::new(&node));
+    let list = conflist(
+        "1.1.0",
+        "ferry-e2e",
+        vec![ferry_plugin_conf(ipamd.socket())],
+    );
+
+    let empty = Pod::new()?;
+    add(&rt, &list, &empty)?;
+    let out = rt.del(
+        &list,
+        &CniCall::del(&empty).with_netns(Some("")),
+        &json!({}),
+    )?;
+    ensure!(out.success(), "DEL with empty CNI_NETNS failed: {out}");
+
+    let Pod {
+        ns,
+        container_id,
+        ifname,
+    } = Pod::new()?;
+    let netns_path = ns.path().display().to_string();
+    let vanished = Pod {
+        ns,
+        container_id: container_id.clone(),
+        ifname: ifname.clone(),
+    };
+    add(&rt, &list, &vanished)?;
+    let call = CniCall::del(&vanished);
+    // The runtime removed the sandbox before calling DEL.
+    drop(vanished);
+    ensure!(
+        !std::path::Path::new(&netns_path).exists(),
+        "{netns_path} still exists"
+    );
+    let out = rt.del(&list, &call, &json!({}))?;
+    ensure!(out.success(), "DEL with a vanished netns failed: {out}");
+    let again = rt.del(&list, &call, &json!({}))?;
+    ensure!(again.success(), "second DEL failed: {again}");
+
+    ensure!(
+        held_ips(&ipamd)?.is_empty(),
+        "allocations left: {:?}",
+        held_ips(&ipamd)?
+    );
+    let links = node.ns.ferry_links()?;
+    ensure!(links.is_empty(), "fry links left: {links:?}");
+    Ok(())
+}
+
+#[test]
+fn del_while_ipamd_is_down_then_reconcile_frees_the_address() -> Result<()> {
+    require_root();
+    let fabric = Fabric::new()?;
+    let node = fabric.add_node()?;
+    let mut ipamd = Ipamd::start(
+        &node,
+        IpamdConfig {
+            reconcile_interval: Some(1),
+            stale_grace: Some(2),
+            ..IpamdConfig::default()
+        },
+    )?;
+    let rt = Runtime::new(Cni::new(&node));
+    let list = conflist(
+        "1.1.0",
+        "ferry-e2e",
+        vec![ferry_plugin_conf(ipamd.socket())],
+    );
+
+    let gone = Pod::new()?;
+    let kept = Pod::new()?;
+    let gone_ip = add(&rt, &list, &gone)?;
+    let kept_ip = add(&rt, &list, &kept)?;
+
+    ipamd.kill();
+    let out = rt.del(&list, &CniCall::del(&gone), &json!({}))?;
+    ensure!(out.success(), "DEL with ipamd down failed: {out}");
+    let links = node.ns.ferry_links()?;
+    ensure!(
+        !links.contains(&gone.host_veth()),
+        "DEL left the host veth {}: {links:?}",
+        gone.host_veth()
+    );
+    ensure!(
+        gone.addrs().map(|a| a.is_empty()).unwrap_or(true),
+        "pod side still addressed"
+    );
+
+    ipamd.restart()?;
+    // The address is still recorded right after the restart: nothing was released blindly.
+    let held = held_ips(&ipamd)?;
+    ensure!(
+        held.iter().any(|(_, ip)| *ip == gone_ip),
+        "ipamd forgot {gone_ip} without reconciling: {held:?}"
+    );
+    wait_until(
+        "reconcile to free the orphaned address",
+        Duration::from_secs(30),
+        || {
+            let held = held_ips(&ipamd)?;
+            Ok((!held.iter().any(|(_, ip)| *ip == gone_ip)).then_some(()))
+        },
+    )
+    .with_context(|| ipamd.log_tail(40))?;
+
+    // The pod whose veth still exists keeps its address through reconcile.
+    let held = held_ips(&ipamd)?;
+    ensure!(
+        held == vec![(kept.container_id.clone(), kept_ip)],
+        "after reconcile ipamd holds {held:?}, expected only {kept_ip}"
+    );
+    ensure!(
+        kept.ns.ping(&node.ip.to_string()),
+        "the kept pod lost connectivity"
+    );
+
+    let out = rt.del(&list, &CniCall::del(&kept), &json!({}))?;
+    ensure!(out.success(), "DEL failed: {out}");
+    ensure!(held_ips(&ipamd)?.is_empty(), "allocations left");
+    Ok(())
+}
