@@ -52,7 +52,8 @@ Options (environment variable in brackets; flag beats variable beats default):
   --pod-cidr CIDR      the default pool [FERRY_POD_CIDR] (default: 10.244.0.0/16)
   --block-size N       per-node block prefix length [FERRY_BLOCK_SIZE] (default: 26)
   --cni-version V      the conflist's cniVersion [FERRY_CNI_VERSION] (default: auto = 1.1.0,
-                       or 1.0.0 when the portmap in the CNI bin dir cannot speak 1.1.0)
+                       or 1.0.0 when containerd is older than 2.0 or the portmap in the
+                       CNI bin dir cannot speak 1.1.0)
   --portmap | --no-portmap
                        chain portmap after ferry [FERRY_PORTMAP=1|0] (default: when the CNI
                        bin dir has portmap)
@@ -307,6 +308,13 @@ conflist_version() {
 	local with_portmap=$1 versions
 	if [[ $CNI_VERSION != auto ]]; then
 		echo "$CNI_VERSION"
+		return
+	fi
+	# containerd before 2.0 (libcni < 1.2) rejects 1.1.0 results outright.
+	local containerd_version
+	if containerd_version=$(containerd --version 2>/dev/null) &&
+		[[ $containerd_version =~ [[:space:]]v?([0-9]+)\.[0-9]+ ]] && ((BASH_REMATCH[1] < 2)); then
+		echo 1.0.0
 		return
 	fi
 	if [[ $with_portmap == 1 ]]; then
