@@ -241,16 +241,7 @@ impl Config {
             ));
         }
 
-        let default_pool = PoolSpec {
-            name: DEFAULT_POOL.to_string(),
-            cidr: pod_cidr,
-            block_size,
-            namespaces: Vec::new(),
-            nat_outgoing: false,
-            snat_address: None,
-            isolated: false,
-            allow_from: Vec::new(),
-        };
+        let default_pool = PoolSpec::new(DEFAULT_POOL, pod_cidr, block_size, Vec::new());
         let mut pools = vec![default_pool];
         for (i, p) in file.pools.iter().enumerate() {
             pools.push(file_pool(i, p, block_size)?);

@@ -797,16 +797,12 @@ mod tests {
             Ipam::open(
                 IpamOptions {
                     node: "n1".into(),
-                    pools: vec![PoolSpec {
-                        name: "default".into(),
-                        cidr: "10.244.0.0/24".parse().unwrap(),
-                        block_size: 26,
-                        namespaces: vec![],
-                        nat_outgoing: false,
-                        snat_address: None,
-                        isolated: false,
-                        allow_from: vec![],
-                    }],
+                    pools: vec![PoolSpec::new(
+                        "default",
+                        "10.244.0.0/24".parse().unwrap(),
+                        26,
+                        vec![],
+                    )],
                     cooldown: Duration::from_secs(30),
                     block_idle_grace: Duration::from_secs(600),
                 },

@@ -500,15 +500,11 @@ mod tests {
     const COOLDOWN_MS: i64 = 30_000;
 
     fn spec(name: &str, cidr: &str, block: u8, namespaces: &[&str]) -> PoolSpec {
+        let namespaces = namespaces.iter().map(|s| s.to_string()).collect();
         PoolSpec {
-            name: name.into(),
-            cidr: cidr.parse().unwrap(),
-            block_size: block,
-            namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
+            // Options on, so that a round trip through the store must keep them.
             nat_outgoing: true,
-            snat_address: None,
-            isolated: false,
-            allow_from: vec![],
+            ..PoolSpec::new(name, cidr.parse().unwrap(), block, namespaces)
         }
     }
 

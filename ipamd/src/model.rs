@@ -52,6 +52,20 @@ pub struct PoolSpec {
 }
 
 impl PoolSpec {
+    /// A pool for `namespaces` (none: the default pool) with every option off.
+    pub fn new(name: &str, cidr: Ipv4Net, block_size: u8, namespaces: Vec<String>) -> Self {
+        PoolSpec {
+            name: name.to_string(),
+            cidr,
+            block_size,
+            namespaces,
+            nat_outgoing: false,
+            snat_address: None,
+            isolated: false,
+            allow_from: Vec::new(),
+        }
+    }
+
     /// The default pool is the one that serves no namespace in particular.
     pub fn is_default(&self) -> bool {
         self.namespaces.is_empty()

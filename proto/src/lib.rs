@@ -47,6 +47,22 @@ pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
     format!("{HOST_VETH_PREFIX}{}", &hex[..11])
 }
 
+/// "a: b: c" from an error and its sources, skipping a source whose text the
+/// message already holds (tonic's transport errors hide the cause otherwise).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = s.source();
+    }
+    out
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("ipamd socket {path} does not exist (is ipamd running?)")]

@@ -95,16 +95,7 @@ mod tests {
     use super::*;
 
     fn pool(cidr: &str, block: u8) -> PoolSpec {
-        PoolSpec {
-            name: "p".into(),
-            cidr: cidr.parse().unwrap(),
-            block_size: block,
-            namespaces: vec![],
-            nat_outgoing: false,
-            snat_address: None,
-            isolated: false,
-            allow_from: vec![],
-        }
+        PoolSpec::new("p", cidr.parse().unwrap(), block, vec![])
     }
 
     #[test]

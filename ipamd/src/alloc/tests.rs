@@ -9,16 +9,8 @@ const COOLDOWN: i64 = 1_000;
 const GRACE: i64 = 5_000;
 
 fn spec(name: &str, cidr: &str, block: u8, namespaces: &[&str]) -> PoolSpec {
-    PoolSpec {
-        name: name.into(),
-        cidr: cidr.parse().unwrap(),
-        block_size: block,
-        namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
-        nat_outgoing: false,
-        snat_address: None,
-        isolated: false,
-        allow_from: vec![],
-    }
+    let namespaces = namespaces.iter().map(|s| s.to_string()).collect();
+    PoolSpec::new(name, cidr.parse().unwrap(), block, namespaces)
 }
 
 fn allocator(pools: &[PoolSpec]) -> Allocator {

@@ -86,23 +86,9 @@ async fn connect(socket: &Path) -> anyhow::Result<Channel> {
             ferry_proto::ConnectError::Connect { path, source } => anyhow!(
                 "cannot connect to ipamd at {}: {}",
                 path.display(),
-                error_chain(&source)
+                ferry_proto::error_chain(&source)
             ),
         })
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cur = s.source();
-    }
-    out
 }
 
 /// A failed call, named with the socket when the transport is at fault.

@@ -56,7 +56,7 @@ impl GrpcIpam {
                     self.unreachable("the socket does not exist (is ipamd running?)")
                 }
                 ferry_proto::ConnectError::Connect { source, .. } => {
-                    self.unreachable(error_chain(&source))
+                    self.unreachable(ferry_proto::error_chain(&source))
                 }
             })?;
         let client = RpcClient::new(channel);
@@ -90,7 +90,7 @@ impl GrpcIpam {
         // on this side from a broken connection (reset mid-call, refused),
         // whatever its code: ipamd may be restarting, so try again.
         if std::error::Error::source(&s).is_some() {
-            return self.unreachable(error_chain(&s));
+            return self.unreachable(ferry_proto::error_chain(&s));
         }
         let msg = s.message().to_string();
         match s.code() {
@@ -103,21 +103,6 @@ impl GrpcIpam {
             _ => IpamClientError::Internal(format!("ipamd: {msg}")),
         }
     }
-}
-
-/// "a: b: c" from an error and its sources; transport errors hide the cause.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cur = s.source();
-    }
-    out
 }
 
 fn pb_key(key: &Key) -> pb::AllocationKey {
