@@ -284,10 +284,6 @@ impl IpamRpc for IpamService {
             tracing::warn!(error = %e, "allocate failed");
             ipam_status(&e)
         })?;
-        tracing::info!(
-            ip = %a.ip, pool = %a.pool, container = %a.key.container_id, ifname = %a.key.ifname,
-            pod = %format_args!("{}/{}", a.pod.namespace, a.pod.name), "allocated"
-        );
         if let Some(bh) = &self.blackholes {
             // The pod is reachable without it; the blackhole only stops
             // loops to free addresses, and the next sync retries.

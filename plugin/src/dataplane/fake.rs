@@ -3,8 +3,8 @@
 
 #![cfg_attr(not(test), allow(dead_code))]
 
-use std::cell::RefCell;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use super::{Attached, Dataplane, DataplaneError, PodLink};
 
@@ -21,11 +21,11 @@ pub enum Call {
 
 /// Builds the error a failing operation returns; a closure because
 /// DataplaneError is not Clone.
-pub type Failure = Box<dyn Fn() -> DataplaneError>;
+pub type Failure = Box<dyn Fn() -> DataplaneError + Send + Sync>;
 
 #[derive(Default)]
 pub struct FakeDataplane {
-    pub calls: RefCell<Vec<Call>>,
+    pub calls: Mutex<Vec<Call>>,
     pub fail_setup: Option<Failure>,
     pub fail_teardown: Option<Failure>,
     pub fail_check: Option<Failure>,
@@ -39,13 +39,16 @@ impl FakeDataplane {
         Self::default()
     }
 
+    fn log(&self) -> std::sync::MutexGuard<'_, Vec<Call>> {
+        self.calls.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn calls(&self) -> Vec<Call> {
-        self.calls.borrow().clone()
+        self.log().clone()
     }
 
     pub fn teardowns(&self) -> usize {
-        self.calls
-            .borrow()
+        self.log()
             .iter()
             .filter(|c| matches!(c, Call::Teardown { .. }))
             .count()
@@ -54,7 +57,7 @@ impl FakeDataplane {
 
 impl Dataplane for FakeDataplane {
     fn setup(&self, link: &PodLink) -> Result<Attached, DataplaneError> {
-        self.calls.borrow_mut().push(Call::Setup(link.clone()));
+        self.log().push(Call::Setup(link.clone()));
         if let Some(fail) = &self.fail_setup {
             return Err(fail());
         }
@@ -70,7 +73,7 @@ impl Dataplane for FakeDataplane {
         netns: Option<&Path>,
         ifname: &str,
     ) -> Result<(), DataplaneError> {
-        self.calls.borrow_mut().push(Call::Teardown {
+        self.log().push(Call::Teardown {
             host_veth: host_veth.to_string(),
             netns: netns.map(Path::to_path_buf),
             ifname: ifname.to_string(),
@@ -82,7 +85,7 @@ impl Dataplane for FakeDataplane {
     }
 
     fn check(&self, link: &PodLink) -> Result<(), DataplaneError> {
-        self.calls.borrow_mut().push(Call::Check(link.clone()));
+        self.log().push(Call::Check(link.clone()));
         match &self.fail_check {
             Some(fail) => Err(fail()),
             None => Ok(()),

@@ -55,7 +55,8 @@ pub enum DataplaneError {
     Mismatch(String),
 }
 
-pub trait Dataplane {
+/// Sync: DEL tears down on one thread while it releases the address on another.
+pub trait Dataplane: Sync {
     /// Creates the veth with its peer directly in the pod netns, addresses
     /// and routes both sides. A stale host veth named `host_veth` is removed
     /// first. Leaves nothing behind when it fails.
