@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tracing::{info, warn};
 
-use crate::cni::config::prev_result_addresses;
+use crate::cni::config::{prev_result_addresses, prev_result_gateway};
 use crate::cni::error::code;
 use crate::cni::result::{AddResult, Wired};
 use crate::cni::{Attachment, CniError, GcRequest, Request, StatusRequest, version};
@@ -102,6 +102,9 @@ pub fn add(a: &Attachment, ipam: &dyn IpamClient, dp: &dyn Dataplane) -> Result<
     };
     let attached = match dp.setup(&link) {
         Ok(attached) => attached,
+        // A repeated ADD of a live attachment: Allocate handed back its
+        // address, and both must stay as they are.
+        Err(e @ DataplaneError::InterfaceExists { attached: true, .. }) => return Err(e.into()),
         Err(e) => {
             // An interface that was there before us is not ours to delete.
             let ours = !matches!(e, DataplaneError::InterfaceExists { .. });
@@ -135,11 +138,8 @@ pub fn add(a: &Attachment, ipam: &dyn IpamClient, dp: &dyn Dataplane) -> Result<
 /// reports the error that caused the rollback.
 fn rollback(key: &Key, link: &PodLink, teardown: bool, ipam: &dyn IpamClient, dp: &dyn Dataplane) {
     warn!(container = %key.container_id, ifname = %key.ifname, "ADD failed, rolling back");
-    if teardown {
-        let netns = Some(link.netns.as_path()).filter(|p| p.exists());
-        if let Err(e) = dp.teardown(&link.host_veth, netns, &link.ifname) {
-            warn!(error = %e, host_veth = %link.host_veth, "rollback: teardown failed");
-        }
+    if teardown && let Err(e) = dp.teardown(&link.host_veth) {
+        warn!(error = %e, host_veth = %link.host_veth, "rollback: teardown failed");
     }
     if let Err(e) = ipam.release(key) {
         warn!(error = %e, container = %key.container_id, "rollback: release failed");
@@ -148,13 +148,8 @@ fn rollback(key: &Key, link: &PodLink, teardown: bool, ipam: &dyn IpamClient, dp
 
 pub fn del(a: &Attachment, ipam: &dyn IpamClient, dp: &dyn Dataplane) -> Result<(), CniError> {
     let host_veth = a.host_veth();
-    // An empty or vanished netns still lets us remove the host side.
-    let netns = a.netns.as_deref().filter(|p| p.exists());
-    let teardown = || match dp.teardown(&host_veth, netns, &a.ifname) {
-        // The netns went away between our look and the teardown.
-        Err(DataplaneError::NetnsMissing { .. }) => dp.teardown(&host_veth, None, &a.ifname),
-        other => other,
-    };
+    // The host end is all DEL needs, so an empty or vanished netns is fine.
+    let teardown = || dp.teardown(&host_veth);
     // The kernel's veth deletion (an RCU wait of ~16 ms) dominates DEL, so the
     // address is released meanwhile. That is safe even if the teardown then
     // fails: a released address cools down before reuse, the runtime retries
@@ -173,9 +168,11 @@ pub fn del(a: &Attachment, ipam: &dyn IpamClient, dp: &dyn Dataplane) -> Result<
     torn_down?;
     match released {
         Ok(()) => {}
-        Err(IpamClientError::Unreachable(msg)) => {
+        // The pod is unplugged either way; ipamd's reconcile frees the
+        // address once it can (a version skew is a rolling upgrade in flight).
+        Err(IpamClientError::Unreachable(msg) | IpamClientError::VersionMismatch(msg)) => {
             warn!(container = %a.container_id, %msg,
-                  "ipamd unreachable on DEL; its reconcile will free the address");
+                  "ipamd cannot release on DEL; its reconcile will free the address");
         }
         Err(e) => return Err(e.into()),
     }
@@ -228,8 +225,8 @@ pub fn check(a: &Attachment, ipam: &dyn IpamClient, dp: &dyn Dataplane) -> Resul
         netns: netns.to_path_buf(),
         ifname: a.ifname.clone(),
         host_veth: a.host_veth(),
+        gateway: prev_result_gateway(prev, &expected).unwrap_or(ferry_proto::POD_GATEWAY),
         addresses: expected,
-        gateway: ferry_proto::POD_GATEWAY,
         // CHECK does not compare the MTU; 0 says "unknown".
         mtu: a.conf.mtu,
     })?;
@@ -273,7 +270,7 @@ pub fn gc(req: &GcRequest, ipam: &dyn IpamClient, dp: &dyn Dataplane) -> Result<
     let released = ipam.gc(network, &valid)?;
     for key in &released {
         let host_veth = ferry_proto::host_veth_name(&key.container_id, &key.ifname);
-        if let Err(e) = dp.teardown(&host_veth, None, &key.ifname) {
+        if let Err(e) = dp.teardown(&host_veth) {
             warn!(error = %e, %host_veth, "GC: teardown of a released attachment failed");
         }
     }
@@ -507,7 +504,7 @@ mod tests {
         let calls = dp.calls();
         assert!(matches!(
             calls.as_slice(),
-            [Call::Setup(_), Call::Teardown { netns: Some(_), .. }]
+            [Call::Setup(_), Call::Teardown { .. }]
         ));
     }
 
@@ -538,6 +535,7 @@ mod tests {
             fail_setup: Some(Box::new(|| DataplaneError::InterfaceExists {
                 ifname: "eth0".into(),
                 netns: PathBuf::from(NETNS),
+                attached: false,
             })),
             ..FakeDataplane::new()
         };
@@ -545,6 +543,26 @@ mod tests {
         assert_eq!(e.code, 104);
         assert_eq!(dp.teardowns(), 0);
         assert_eq!(ipam.calls(), ["allocate", "release"]);
+    }
+
+    #[test]
+    fn repeated_add_of_a_live_attachment_is_104_and_keeps_its_address() {
+        let ipam = FakeIpam::default();
+        let dp = FakeDataplane::new();
+        add(&add_req("1.0.0"), &ipam, &dp).unwrap();
+        let again = FakeDataplane {
+            fail_setup: Some(Box::new(|| DataplaneError::InterfaceExists {
+                ifname: "eth0".into(),
+                netns: PathBuf::from(NETNS),
+                attached: true,
+            })),
+            ..FakeDataplane::new()
+        };
+        let e = add(&add_req("1.0.0"), &ipam, &again).unwrap_err();
+        assert_eq!(e.code, 104);
+        assert_eq!(again.teardowns(), 0);
+        assert_eq!(ipam.calls(), ["allocate", "allocate"]);
+        assert_eq!(ipam.held.borrow().len(), 1, "the live pod lost its address");
     }
 
     #[test]
@@ -595,15 +613,17 @@ mod tests {
     }
 
     #[test]
-    fn del_without_or_with_a_gone_netns_passes_none() {
+    fn del_without_or_with_a_gone_netns_tears_down_the_host_side() {
         for netns in ["", "/nonexistent/netns/p1"] {
             let dp = FakeDataplane::new();
             let a = attachment(request("DEL", "1.0.0", netns, json!({})));
             del(&a, &FakeIpam::default(), &dp).unwrap();
-            assert!(matches!(
-                dp.calls().as_slice(),
-                [Call::Teardown { netns: None, .. }]
-            ));
+            assert_eq!(
+                dp.calls(),
+                vec![Call::Teardown {
+                    host_veth: a.host_veth()
+                }]
+            );
         }
     }
 
@@ -627,6 +647,18 @@ mod tests {
         };
         let a = attachment(request("DEL", "1.0.0", NETNS, json!({})));
         assert_eq!(del(&a, &ipam, &FakeDataplane::new()).unwrap_err().code, 106);
+    }
+
+    #[test]
+    fn del_during_a_version_skew_unplugs_and_succeeds() {
+        let ipam = FakeIpam {
+            fail: Some(|| IpamClientError::VersionMismatch("plugin 0.2.0, ipamd 0.1.0".into())),
+            ..FakeIpam::default()
+        };
+        let dp = FakeDataplane::new();
+        let a = attachment(request("DEL", "1.0.0", NETNS, json!({})));
+        del(&a, &ipam, &dp).unwrap();
+        assert_eq!(dp.teardowns(), 1);
     }
 
     #[test]
@@ -768,8 +800,6 @@ mod tests {
             dp.calls(),
             vec![Call::Teardown {
                 host_veth: ferry_proto::host_veth_name("ctr2", "eth0"),
-                netns: None,
-                ifname: "eth0".into(),
             }]
         );
     }

@@ -159,3 +159,41 @@ fn del_while_ipamd_is_down_then_reconcile_frees_the_address() -> Result<()> {
     ensure!(held_ips(&ipamd)?.is_empty(), "allocations left");
     Ok(())
 }
+
+#[test]
+fn a_foreign_interface_survives_the_failed_add_and_the_del_after_it() -> Result<()> {
+    require_root();
+    let fabric = Fabric::new()?;
+    let node = fabric.add_node()?;
+    let ipamd = Ipamd::start(&node, IpamdConfig::default())?;
+    let rt = Runtime::new(Cni::new(&node));
+    let list = conflist(
+        "1.1.0",
+        "ferry-e2e",
+        vec![ferry_plugin_conf(ipamd.socket())],
+    );
+
+    let pod = Pod::new()?;
+    pod.ns.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "other0",
+    ])?;
+    let out = rt.add(&list, &CniCall::add(&pod), &json!({}))?;
+    ensure!(
+        out.error_code() == Some(104),
+        "ADD over a foreign eth0: {out}"
+    );
+    // The runtime calls DEL after a failed ADD.
+    let out = rt.del(&list, &CniCall::del(&pod), &json!({}))?;
+    ensure!(out.success(), "DEL after the failed ADD: {out}");
+
+    let links = pod.ns.links()?;
+    ensure!(
+        links.iter().any(|l| l == "eth0") && links.iter().any(|l| l == "other0"),
+        "ferry deleted an interface that was not its own: {links:?}"
+    );
+    ensure!(
+        held_ips(&ipamd)?.is_empty(),
+        "the failed ADD kept an address"
+    );
+    Ok(())
+}

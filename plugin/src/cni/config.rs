@@ -151,6 +151,17 @@ impl NetConf {
     }
 }
 
+/// The gateway a prevResult gives one of `addresses`, if it names one.
+pub fn prev_result_gateway(prev: &Value, addresses: &[Ipv4Net]) -> Option<std::net::Ipv4Addr> {
+    prev.get("ips")?.as_array()?.iter().find_map(|ip| {
+        let address: Ipv4Net = ip.get("address")?.as_str()?.parse().ok()?;
+        if !addresses.contains(&address) {
+            return None;
+        }
+        ip.get("gateway")?.as_str()?.parse().ok()
+    })
+}
+
 /// The IPv4 addresses a prevResult (any version from 0.1.0 to 1.1.0)
 /// assigns to `ifname`: ips whose `interface` index names `ifname`, plus
 /// ips with no index. A pre-0.3.0 result (`ip4`) counts as `ifname`'s.

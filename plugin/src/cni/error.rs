@@ -148,6 +148,7 @@ mod tests {
                 DataplaneError::InterfaceExists {
                     ifname: "eth0".into(),
                     netns: p,
+                    attached: false,
                 },
                 104,
             ),

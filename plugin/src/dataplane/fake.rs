@@ -3,7 +3,6 @@
 
 #![cfg_attr(not(test), allow(dead_code))]
 
-use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use super::{Attached, Dataplane, DataplaneError, PodLink};
@@ -11,11 +10,7 @@ use super::{Attached, Dataplane, DataplaneError, PodLink};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Call {
     Setup(PodLink),
-    Teardown {
-        host_veth: String,
-        netns: Option<PathBuf>,
-        ifname: String,
-    },
+    Teardown { host_veth: String },
     Check(PodLink),
 }
 
@@ -67,16 +62,9 @@ impl Dataplane for FakeDataplane {
         })
     }
 
-    fn teardown(
-        &self,
-        host_veth: &str,
-        netns: Option<&Path>,
-        ifname: &str,
-    ) -> Result<(), DataplaneError> {
+    fn teardown(&self, host_veth: &str) -> Result<(), DataplaneError> {
         self.log().push(Call::Teardown {
             host_veth: host_veth.to_string(),
-            netns: netns.map(Path::to_path_buf),
-            ifname: ifname.to_string(),
         });
         match &self.fail_teardown {
             Some(fail) => Err(fail()),

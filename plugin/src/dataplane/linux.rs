@@ -57,14 +57,9 @@ impl Dataplane for LinuxDataplane {
         result
     }
 
-    fn teardown(
-        &self,
-        host_veth: &str,
-        netns: Option<&Path>,
-        ifname: &str,
-    ) -> Result<(), DataplaneError> {
+    fn teardown(&self, host_veth: &str) -> Result<(), DataplaneError> {
         let started = Instant::now();
-        let result = drive(teardown(host_veth, netns, ifname));
+        let result = drive(teardown(host_veth));
         debug!(
             host_veth,
             ok = result.is_ok(),
@@ -154,18 +149,20 @@ async fn setup(link: &PodLink) -> Result<Attached, DataplaneError> {
     let host = nl::connect()?;
     let mut pod = PodNetns::start(Arc::clone(&netns), &link.netns)?;
 
-    // Independent, so in parallel: clear a stale host veth left by an earlier
-    // ADD (its deterministic name would block us), and look for ifname.
+    // ifname first: if it exists, our host veth of the same name may be its
+    // live peer, and deleting that as "stale" would unplug a running pod.
     let ifname = link.ifname.clone();
-    let (stale, existing) = tokio::join!(
-        nl::delete_link_by_name(&host, &link.host_veth),
-        pod.run(move |h| async move { nl::link_by_name(&h, &ifname).await }),
-    );
-    if stale? {
-        debug!(host_veth = %link.host_veth, "removed stale host veth");
+    if pod
+        .run(move |h| async move { nl::link_by_name(&h, &ifname).await })
+        .await?
+        .is_some()
+    {
+        let attached = nl::link_by_name(&host, &link.host_veth).await?.is_some();
+        return Err(interface_exists(link, attached));
     }
-    if existing?.is_some() {
-        return Err(interface_exists(link));
+    // A host veth left by an earlier ADD would block the deterministic name.
+    if nl::delete_link_by_name(&host, &link.host_veth).await? {
+        debug!(host_veth = %link.host_veth, "removed stale host veth");
     }
 
     create_veth(&host, &mut pod, link, &netns).await?;
@@ -190,10 +187,11 @@ async fn setup(link: &PodLink) -> Result<Attached, DataplaneError> {
     }
 }
 
-fn interface_exists(link: &PodLink) -> DataplaneError {
+fn interface_exists(link: &PodLink, attached: bool) -> DataplaneError {
     DataplaneError::InterfaceExists {
         ifname: link.ifname.clone(),
         netns: link.netns.clone(),
+        attached,
     }
 }
 
@@ -226,7 +224,9 @@ async fn create_veth(
                 .run(move |h| async move { nl::link_by_name(&h, &ifname).await })
                 .await?;
             if there.is_some() {
-                Err(interface_exists(link))
+                // Our host end does not exist (we just cleared it), so this
+                // interface is someone else's.
+                Err(interface_exists(link, false))
             } else {
                 Err(nl::failed(format!("create veth {}", link.host_veth), e))
             }
@@ -355,66 +355,12 @@ async fn wire_pod(h: Handle, pod: PodSide) -> Result<[u8; 6], DataplaneError> {
     Ok(pod_mac)
 }
 
-async fn teardown(
-    host_veth: &str,
-    netns: Option<&Path>,
-    ifname: &str,
-) -> Result<(), DataplaneError> {
-    let mut errors = Vec::new();
-    // Deleting the host end takes the peer and the /32 routes with it.
-    let host_deleted = match nl::connect() {
-        Ok(host) => match nl::delete_link_by_name(&host, host_veth).await {
-            Ok(deleted) => deleted,
-            Err(e) => {
-                errors.push(e);
-                false
-            }
-        },
-        Err(e) => {
-            errors.push(e);
-            false
-        }
-    };
-    if !host_deleted
-        && let Some(path) = netns
-        && let Err(e) = teardown_pod_side(path, ifname).await
-    {
-        errors.push(e);
+async fn teardown(host_veth: &str) -> Result<(), DataplaneError> {
+    let host = nl::connect()?;
+    if !nl::delete_link_by_name(&host, host_veth).await? {
+        debug!(host_veth, "host veth already gone");
     }
-    match errors.len() {
-        0 => Ok(()),
-        1 => Err(errors.remove(0)),
-        _ => Err(DataplaneError::Netlink {
-            op: "teardown".into(),
-            detail: errors
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; "),
-        }),
-    }
-}
-
-/// Without a host end, a veth named ifname in the pod can only be an orphan of
-/// ours; anything else with that name is not ours to delete.
-async fn teardown_pod_side(path: &Path, ifname: &str) -> Result<(), DataplaneError> {
-    let netns = match try_open_netns(path)? {
-        NetnsFile::Open(ns) => ns,
-        NetnsFile::Missing | NetnsFile::NotNetns => return Ok(()),
-    };
-    let mut pod = PodNetns::start(netns, path)?;
-    let ifname = ifname.to_string();
-    pod.run(move |h| async move {
-        match nl::link_by_name(&h, &ifname).await? {
-            Some(dev) if dev.is_veth => nl::delete_link(&h, dev.index, &ifname).await,
-            Some(_) => {
-                debug!(%ifname, "pod interface is not a veth; left alone");
-                Ok(())
-            }
-            None => Ok(()),
-        }
-    })
-    .await
+    Ok(())
 }
 
 async fn check(link: &PodLink) -> Result<(), DataplaneError> {

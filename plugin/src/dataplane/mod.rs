@@ -2,7 +2,7 @@
 //! `cmd.rs` can be tested with a recording fake.
 
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use ipnet::Ipv4Net;
 
@@ -40,8 +40,14 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    /// `attached` when our host veth exists too: the interface is the live
+    /// attachment of this very key, whose address must be left alone.
     #[error("interface {ifname} already exists in {netns}")]
-    InterfaceExists { ifname: String, netns: PathBuf },
+    InterfaceExists {
+        ifname: String,
+        netns: PathBuf,
+        attached: bool,
+    },
     #[error("{op}: {detail}")]
     Netlink { op: String, detail: String },
     #[error("sysctl {path}: {source}")]
@@ -62,14 +68,12 @@ pub trait Dataplane: Sync {
     /// first. Leaves nothing behind when it fails.
     fn setup(&self, link: &PodLink) -> Result<Attached, DataplaneError>;
 
-    /// Best effort, and success when everything is already gone. `netns` is
-    /// None when the runtime gave none or it no longer exists.
-    fn teardown(
-        &self,
-        host_veth: &str,
-        netns: Option<&Path>,
-        ifname: &str,
-    ) -> Result<(), DataplaneError>;
+    /// Deletes the host veth, which takes its peer and the /32 routes with
+    /// it; success when it is already gone. Only the host end proves a veth
+    /// is ours (both ends are created together), so nothing in the pod netns
+    /// is touched: an interface there without our host end belongs to
+    /// someone else.
+    fn teardown(&self, host_veth: &str) -> Result<(), DataplaneError>;
 
     /// Verifies the interfaces, addresses and routes of both sides.
     fn check(&self, link: &PodLink) -> Result<(), DataplaneError>;

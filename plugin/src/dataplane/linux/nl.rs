@@ -99,14 +99,6 @@ pub(super) async fn delete_link_by_name(h: &Handle, name: &str) -> Result<bool, 
     }
 }
 
-pub(super) async fn delete_link(h: &Handle, index: u32, name: &str) -> Result<(), DataplaneError> {
-    match h.link().del(index).execute().await {
-        Ok(()) => Ok(()),
-        Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(()),
-        Err(e) => Err(failed(format!("delete link {name}"), e)),
-    }
-}
-
 pub(super) async fn set_up(h: &Handle, msg: LinkMessage, name: &str) -> Result<(), DataplaneError> {
     h.link()
         .set(msg)

@@ -291,12 +291,39 @@ fn existing_pod_interface_is_an_error_and_left_alone() {
     let dp = LinuxDataplane::new();
     let err = w.node.enter(|| dp.setup(&link)).expect_err("must fail");
     assert!(
-        matches!(err, DataplaneError::InterfaceExists { ref ifname, .. } if ifname == "eth0"),
+        matches!(err, DataplaneError::InterfaceExists { ref ifname, attached: false, .. } if ifname == "eth0"),
         "{err:?}"
     );
     let eth0 = w.pods[0].ip(&["-d", "link", "show", "eth0"]);
     assert!(eth0.contains("bridge"), "{eth0}");
     assert!(!w.host_has(&link.host_veth));
+}
+
+#[test]
+fn repeated_setup_of_a_live_attachment_leaves_it_intact() {
+    if !privileged() {
+        return;
+    }
+    let w = World::new(1);
+    let link = w.link(0, "10.244.0.6");
+    let dp = LinuxDataplane::new();
+    let first = w.node.enter(|| dp.setup(&link)).expect("setup");
+    let err = w.node.enter(|| dp.setup(&link)).expect_err("must fail");
+    assert!(
+        matches!(err, DataplaneError::InterfaceExists { attached: true, .. }),
+        "{err:?}"
+    );
+    // Still the same wire: same pod MAC, still addressed, host end still there.
+    let eth0 = w.pods[0].ip(&["link", "show", "eth0"]);
+    let mac = first
+        .pod_mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    assert!(eth0.contains(&mac), "pod MAC changed: {eth0} vs {mac}");
+    assert!(w.host_has(&link.host_veth));
+    w.node.enter(|| dp.check(&link)).expect("check");
 }
 
 #[test]
@@ -359,7 +386,7 @@ fn teardown_twice_is_ok() {
     w.node.enter(|| dp.setup(&link)).expect("setup");
     for round in 0..2 {
         w.node
-            .enter(|| dp.teardown(&link.host_veth, Some(&link.netns), &link.ifname))
+            .enter(|| dp.teardown(&link.host_veth))
             .unwrap_or_else(|e| panic!("teardown round {round}: {e}"));
     }
     assert!(!w.host_has(&link.host_veth));
@@ -382,55 +409,42 @@ fn teardown_with_netns_gone_or_absent_is_ok() {
     w.node.enter(|| dp.setup(&a)).expect("setup a");
     run("ip", &["netns", "del", &w.pods[0].name]);
     w.node
-        .enter(|| dp.teardown(&a.host_veth, Some(&a.netns), &a.ifname))
+        .enter(|| dp.teardown(&a.host_veth))
         .expect("teardown with netns gone");
 
-    // No netns given: the host side alone goes, and the peer with it.
+    // The host side alone goes, and the peer with it.
     let b = w.link(1, "10.244.0.10");
     w.node.enter(|| dp.setup(&b)).expect("setup b");
     w.node
-        .enter(|| dp.teardown(&b.host_veth, None, &b.ifname))
-        .expect("teardown without netns");
+        .enter(|| dp.teardown(&b.host_veth))
+        .expect("teardown of b");
     assert!(!w.host_has(&b.host_veth));
     let pod_links = w.pods[1].ip(&["-o", "link", "show"]);
     assert!(!pod_links.contains("eth0"), "{pod_links}");
 
     // Nothing at all left: still fine.
     w.node
-        .enter(|| {
-            dp.teardown(
-                "fry0testgone",
-                Some(Path::new("/run/netns/fyd-nope")),
-                "eth0",
-            )
-        })
+        .enter(|| dp.teardown("fry0testgone"))
         .expect("teardown of nothing");
 }
 
 #[test]
-fn teardown_removes_orphan_pod_veth_but_not_other_links() {
+fn teardown_leaves_a_pod_interface_without_our_host_end_alone() {
     if !privileged() {
         return;
     }
-    let w = World::new(2);
+    let w = World::new(1);
     let dp = LinuxDataplane::new();
-    // A veth whose other end is not on the host (the host end is gone).
+    // Someone else's veth pair inside the pod, named like ours would be.
     w.pods[0].ip(&[
         "link", "add", "eth0", "type", "veth", "peer", "name", "other",
     ]);
+    let link = w.link(0, "10.244.0.11");
     w.node
-        .enter(|| dp.teardown("fry0testgone", Some(&w.pods[0].path()), "eth0"))
+        .enter(|| dp.teardown(&link.host_veth))
         .expect("teardown");
     let links = w.pods[0].ip(&["-o", "link", "show"]);
-    assert!(!links.contains("eth0"), "{links}");
-
-    // Not a veth: not ours, so it stays.
-    w.pods[1].ip(&["link", "add", "eth0", "type", "bridge"]);
-    w.node
-        .enter(|| dp.teardown("fry0testgone", Some(&w.pods[1].path()), "eth0"))
-        .expect("teardown");
-    let links = w.pods[1].ip(&["-o", "link", "show"]);
-    assert!(links.contains("eth0"), "{links}");
+    assert!(links.contains("eth0") && links.contains("other"), "{links}");
 }
 
 #[test]
@@ -502,8 +516,7 @@ fn setup_and_teardown_timings() {
             dp.setup(&link).expect("setup");
             setups.push(t.elapsed());
             let t = Instant::now();
-            dp.teardown(&link.host_veth, Some(&link.netns), &link.ifname)
-                .expect("teardown");
+            dp.teardown(&link.host_veth).expect("teardown");
             teardowns.push(t.elapsed());
         }
         (setups, teardowns)
