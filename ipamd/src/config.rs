@@ -11,9 +11,12 @@ use clap::Parser;
 use ipnet::Ipv4Net;
 use serde::Deserialize;
 
+use crate::alloc::pool::MIN_BLOCK_PREFIX;
 use crate::ipam::IpamOptions;
 use crate::model::{DEFAULT_POOL, PoolSpec};
 
+/// The longest cooldown, interval or grace period accepted.
+const MAX_PERIOD: Duration = Duration::from_secs(365 * 24 * 3600);
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferry";
 pub const DEFAULT_POD_CIDR: &str = "10.244.0.0/16";
 pub const DEFAULT_BLOCK_SIZE: u8 = 26;
@@ -201,21 +204,44 @@ impl Config {
         let secs = |flag: Option<u64>, file: Option<u64>, default: u64| {
             Duration::from_secs(flag.or(file).unwrap_or(default))
         };
-        let cooldown = secs(cli.cooldown, file.cooldown, DEFAULT_COOLDOWN_SECS);
-        let reconcile_interval = secs(
-            cli.reconcile_interval,
-            file.reconcile_interval,
-            DEFAULT_RECONCILE_INTERVAL_SECS,
-        );
+        // Timers add these to Instant::now(), which panics on overflow.
+        let at_most_a_year = |key: &str, d: Duration| {
+            if d > MAX_PERIOD {
+                Err(invalid(
+                    key,
+                    format!("{} s is more than a year", d.as_secs()),
+                ))
+            } else {
+                Ok(d)
+            }
+        };
+        let cooldown = at_most_a_year(
+            "cooldown",
+            secs(cli.cooldown, file.cooldown, DEFAULT_COOLDOWN_SECS),
+        )?;
+        let reconcile_interval = at_most_a_year(
+            "reconcile_interval",
+            secs(
+                cli.reconcile_interval,
+                file.reconcile_interval,
+                DEFAULT_RECONCILE_INTERVAL_SECS,
+            ),
+        )?;
         if reconcile_interval.is_zero() {
             return Err(invalid("reconcile_interval", "must be at least 1 second"));
         }
-        let stale_grace = secs(cli.stale_grace, file.stale_grace, DEFAULT_STALE_GRACE_SECS);
-        let block_idle_grace = secs(
-            cli.block_idle_grace,
-            file.block_idle_grace,
-            DEFAULT_BLOCK_IDLE_GRACE_SECS,
-        );
+        let stale_grace = at_most_a_year(
+            "stale_grace",
+            secs(cli.stale_grace, file.stale_grace, DEFAULT_STALE_GRACE_SECS),
+        )?;
+        let block_idle_grace = at_most_a_year(
+            "block_idle_grace",
+            secs(
+                cli.block_idle_grace,
+                file.block_idle_grace,
+                DEFAULT_BLOCK_IDLE_GRACE_SECS,
+            ),
+        )?;
 
         let mtu = match cli.mtu.or(file.mtu).unwrap_or(0) {
             0 => None,
@@ -329,12 +355,13 @@ pub fn parse_network(key: &str, text: &str) -> Result<Ipv4Net, ConfigError> {
 }
 
 pub fn check_block_size(key: &str, cidr: Ipv4Net, block_size: u8) -> Result<(), ConfigError> {
-    if block_size < cidr.prefix_len() || block_size > 32 {
+    let lowest = cidr.prefix_len().max(MIN_BLOCK_PREFIX);
+    if block_size < lowest || block_size > 32 {
         return Err(invalid(
             key,
             format!(
-                "{block_size} must be between the pool's prefix length {} and 32",
-                cidr.prefix_len()
+                "{block_size} must be between {lowest} (the pool's prefix length, and at most \
+                 65536 addresses per block) and 32"
             ),
         ));
     }
@@ -484,6 +511,25 @@ mod tests {
         let o = c.ipam_options();
         assert_eq!(o.node, "host-a");
         assert_eq!(o.pools, c.pools);
+    }
+
+    #[test]
+    fn block_size_and_periods_are_bounded_by_config_not_later() {
+        let cli = Cli::try_parse_from(["ipamd", "--pod-cidr", "10.0.0.0/8", "--block-size", "12"])
+            .unwrap();
+        let msg = err_text(Config::merge(cli, FileConfig::default(), node));
+        assert!(msg.contains("block_size") && msg.contains("16"), "{msg}");
+
+        let cli =
+            Cli::try_parse_from(["ipamd", "--reconcile-interval", "18446744073709551615"]).unwrap();
+        let msg = err_text(Config::merge(cli, FileConfig::default(), node));
+        assert!(msg.contains("reconcile_interval"), "{msg}");
+        let msg = err_text(Config::merge(
+            Cli::default(),
+            parse("stale_grace = 99999999999"),
+            node,
+        ));
+        assert!(msg.contains("stale_grace"), "{msg}");
     }
 
     #[test]

@@ -148,11 +148,24 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let admin_service = AdminService::new(ipam.clone(), reconciler.clone());
 
     let (signaled_tx, mut signaled_rx) = watch::channel(false);
+    let signaled = signaled_rx.clone();
+    let socket = config.socket.clone();
+    let stopping_health = health.clone();
     let shutdown = async move {
         tokio::select! {
             _ = sigterm.recv() => info!("SIGTERM: stopping"),
             _ = sigint.recv() => info!("SIGINT: stopping"),
         }
+        // Stop advertising at once: a plugin that finds no socket fails fast
+        // with "try again" instead of waiting out its timeout on a listener
+        // that no longer accepts.
+        remove_socket(&socket);
+        stopping_health
+            .set_service_status(
+                ferry_proto::HEALTH_SERVICE,
+                tonic_health::ServingStatus::NotServing,
+            )
+            .await;
         let _ = signaled_tx.send(true);
     };
 
@@ -174,17 +187,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
 
-    health
-        .set_service_status(
-            ferry_proto::HEALTH_SERVICE,
-            tonic_health::ServingStatus::NotServing,
-        )
-        .await;
     // Let the loops finish what they are doing (a release must not stop
     // half-way), then close the store by dropping the last handles.
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
-    remove_socket(&config.socket);
+    // After a signal the socket is already gone, and the path may belong to a
+    // successor by now.
+    if !*signaled.borrow() {
+        remove_socket(&config.socket);
+    }
     served?;
     info!("ipamd stopped");
     Ok(())
