@@ -306,12 +306,10 @@ impl IpamRpc for IpamService {
         let req = request.into_inner();
         check_version(&req.client_version)?;
         let key = parse_key(req.key, "key")?;
+        // The core logs the release.
         let released = self.ipam.release(&key).await.map_err(|e| ipam_status(&e))?;
-        match &released {
-            Some(a) => {
-                tracing::info!(ip = %a.ip, container = %key.container_id, ifname = %key.ifname, "released")
-            }
-            None => tracing::debug!(container = %key.container_id, "release of unknown key"),
+        if released.is_none() {
+            tracing::debug!(container = %key.container_id, "release of unknown key");
         }
         Ok(Response::new(pb::ReleaseResponse {
             released: allocations_to_pb(&released),
@@ -326,7 +324,8 @@ impl IpamRpc for IpamService {
         check_version(&req.client_version)?;
         let key = parse_key(req.key, "key")?;
         Ok(Response::new(pb::CheckResponse {
-            allocation: self.ipam.get(&key).as_ref().map(allocation_to_pb),
+            // A CHECK counts as activity: reconcile leaves the key alone.
+            allocation: self.ipam.check(&key).as_ref().map(allocation_to_pb),
         }))
     }
 
@@ -359,9 +358,6 @@ impl IpamRpc for IpamService {
             .gc(&network, &valid)
             .await
             .map_err(|e| ipam_status(&e))?;
-        for a in &released {
-            tracing::info!(ip = %a.ip, container = %a.key.container_id, ifname = %a.key.ifname, "gc released");
-        }
         Ok(Response::new(pb::GcResponse {
             released: allocations_to_pb(&released),
         }))
@@ -372,16 +368,15 @@ impl IpamRpc for IpamService {
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         check_version(&request.get_ref().client_version)?;
-        let (readiness, reason) = self.ipam.readiness();
-        let allocations = self.ipam.allocations(&AllocationFilter::default()).len();
+        let sum = self.ipam.summary();
         Ok(Response::new(pb::StatusResponse {
-            readiness: readiness_to_pb(readiness) as i32,
-            reason,
+            readiness: readiness_to_pb(sum.readiness) as i32,
+            reason: sum.reason,
             node: self.ipam.node().to_string(),
             server_version: ferry_proto::CLIENT_VERSION.to_string(),
-            allocations: allocations as u64,
-            pools: u32::try_from(self.ipam.pools().len()).unwrap_or(u32::MAX),
-            blocks: u32::try_from(self.ipam.blocks(None).len()).unwrap_or(u32::MAX),
+            allocations: sum.allocations as u64,
+            pools: u32::try_from(sum.pools).unwrap_or(u32::MAX),
+            blocks: u32::try_from(sum.blocks).unwrap_or(u32::MAX),
             state_dir: self.state_dir.clone(),
             started_unix_ms: self.started_unix_ms,
         }))
@@ -586,7 +581,6 @@ impl IpamAdmin for AdminService {
             .add_pool(pool)
             .await
             .map_err(|e| ipam_status(&e))?;
-        tracing::info!(pool = %added.name, cidr = %added.cidr, "pool added");
         Ok(Response::new(pb::AddPoolResponse {
             pool: Some(pool_to_pb(&added)),
         }))
@@ -603,7 +597,6 @@ impl IpamAdmin for AdminService {
             .remove_pool(&name)
             .await
             .map_err(|e| ipam_status(&e))?;
-        tracing::info!(pool = %name, "pool removed");
         Ok(Response::new(pb::RemovePoolResponse {}))
     }
 }
@@ -783,10 +776,15 @@ mod tests {
     }
 
     async fn services() -> (IpamService, AdminService, Arc<crate::node::fake::FakeHost>) {
+        services_on(Arc::new(crate::store::memory::MemoryStore::new())).await
+    }
+
+    async fn services_on(
+        store: Arc<crate::store::memory::MemoryStore>,
+    ) -> (IpamService, AdminService, Arc<crate::node::fake::FakeHost>) {
         use crate::cluster::local::LocalCluster;
         use crate::ipam::IpamOptions;
         use crate::reconcile::SystemClock;
-        use crate::store::memory::MemoryStore;
         use std::time::Duration;
 
         let ipam = Arc::new(
@@ -802,7 +800,7 @@ mod tests {
                     cooldown: Duration::from_secs(30),
                     block_idle_grace: Duration::from_secs(600),
                 },
-                Arc::new(MemoryStore::new()),
+                store,
                 Arc::new(LocalCluster),
             )
             .await
@@ -944,6 +942,48 @@ mod tests {
             .into_inner()
             .findings;
         assert!(findings.is_empty(), "{findings:?}");
+    }
+
+    async fn status_of(svc: &IpamService) -> pb::StatusResponse {
+        let req = Request::new(pb::StatusRequest {
+            client_version: ferry_proto::CLIENT_VERSION.to_string(),
+        });
+        svc.status(req).await.unwrap().into_inner()
+    }
+
+    #[tokio::test]
+    async fn status_counts_and_reports_a_poisoned_store() {
+        let store = Arc::new(crate::store::memory::MemoryStore::new());
+        let (svc, _admin, _host) = services_on(store.clone()).await;
+        let v = ferry_proto::CLIENT_VERSION.to_string();
+        for c in ["c1", "c2", "c3"] {
+            svc.allocate(Request::new(pb::AllocateRequest {
+                client_version: v.clone(),
+                key: key(c),
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
+        }
+        let s = status_of(&svc).await;
+        assert_eq!(
+            (s.readiness, s.allocations, s.pools, s.blocks),
+            (pb::Readiness::Ready as i32, 3, 1, 1)
+        );
+        store.poison(true);
+        let s = status_of(&svc).await;
+        assert_eq!(s.readiness, pb::Readiness::NotAvailable as i32);
+        assert!(s.reason.contains("store"), "{}", s.reason);
+        let e = svc
+            .allocate(Request::new(pb::AllocateRequest {
+                client_version: v.clone(),
+                key: key("c4"),
+                ..Default::default()
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Internal);
+        assert_eq!(status_of(&svc).await.allocations, 3);
     }
 
     #[test]

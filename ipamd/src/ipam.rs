@@ -8,8 +8,11 @@
 //! thus share one flush. Block claims go to the cluster store with the lock
 //! dropped, serialised by a separate async lock so that two requests do not
 //! claim two blocks where one is enough.
+//!
+//! Log lines about an event (allocated, released, ...) are written here, once
+//! each, after the allocator lock is dropped and the change is durable.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -57,9 +60,26 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// What `Status` reports, read under one lock without copying allocations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub readiness: Readiness,
+    pub reason: String,
+    pub allocations: usize,
+    pub pools: usize,
+    pub blocks: usize,
+}
+
 pub struct Ipam {
     node: String,
     state: Mutex<Allocator>,
+    /// Per key, the last time a successful Allocate (new or existing) or a
+    /// Check saw it: reconcile must not take the address of an attachment a
+    /// runtime is still working on. In memory only (a restart restarts
+    /// reconcile's looks too). Locked only while `state` is held (lock
+    /// order: state, then activity), so a stamp and the allocation it
+    /// concerns change together; entries go with their allocation.
+    activity: Mutex<HashMap<AllocKey, i64>>,
     /// Serialises block claims and releases with the cluster store.
     claims: tokio::sync::Mutex<()>,
     store: Arc<dyn Store>,
@@ -68,7 +88,8 @@ pub struct Ipam {
 }
 
 enum Step {
-    Done(Allocation, Seq),
+    /// The allocation, its batch, and whether it is new.
+    Done(Allocation, Seq, bool),
     Claim(String, Option<Ipv4Addr>),
 }
 
@@ -122,6 +143,7 @@ impl Ipam {
         Ok(Ipam {
             node: opts.node,
             state: Mutex::new(alloc),
+            activity: Mutex::new(HashMap::new()),
             claims: tokio::sync::Mutex::new(()),
             store,
             cluster,
@@ -138,6 +160,12 @@ impl Ipam {
         // apply(), which does not panic; a poisoned lock still holds a
         // consistent state.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Take only with the allocator lock held (see `activity`).
+    fn activity(&self, _st: &Allocator) -> MutexGuard<'_, HashMap<AllocKey, i64>> {
+        // Plain inserts and removes: a poisoned lock still holds a usable map.
+        self.activity.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Writes `muts` and mirrors them in memory. Call with the lock held.
@@ -158,24 +186,31 @@ impl Ipam {
                 let mut st = self.lock();
                 match st.plan_allocate(&params, now)? {
                     // An earlier request for this key may still be flushing.
-                    Plan::Existing(a) => Step::Done(a, self.store.last_seq()),
+                    Plan::Existing(a) => {
+                        // A retried ADD: its veth may not exist yet.
+                        self.activity(&st).insert(a.key.clone(), now);
+                        Step::Done(a, self.store.last_seq(), false)
+                    }
                     Plan::Allocate {
                         allocation,
                         mutations,
                     } => {
                         let seq = self.commit(&mut st, &mutations, now)?;
-                        info!(ip = %allocation.ip, pool = %allocation.pool,
-                            container = %allocation.key.container_id, ifname = %allocation.key.ifname,
-                            pod = %format_args!("{}/{}", allocation.pod.namespace, allocation.pod.name),
-                            "allocated");
-                        Step::Done(allocation, seq)
+                        self.activity(&st).insert(allocation.key.clone(), now);
+                        Step::Done(allocation, seq, true)
                     }
                     Plan::NeedBlock { pool, requested } => Step::Claim(pool, requested),
                 }
             };
             match step {
-                Step::Done(a, seq) => {
+                Step::Done(a, seq, new) => {
                     self.store.durable(seq).await?;
+                    if new {
+                        info!(ip = %a.ip, pool = %a.pool,
+                            container = %a.key.container_id, ifname = %a.key.ifname,
+                            pod = %format_args!("{}/{}", a.pod.namespace, a.pod.name),
+                            "allocated");
+                    }
                     return Ok(a);
                 }
                 Step::Claim(pool, requested) => self.claim_block_for(&pool, requested).await?,
@@ -243,22 +278,66 @@ impl Ipam {
         }
     }
 
-    async fn give_back(&self, pool: &str, cidr: Ipv4Net) {
-        if let Err(e) = self.cluster.release_block(pool, cidr, &self.node).await {
-            warn!(%pool, block = %cidr, error = %e, "could not give back block");
+    /// Tells the cluster a block is no longer ours; a failure is logged, not
+    /// returned (the block is already forgotten here). True when it worked.
+    async fn give_back(&self, pool: &str, cidr: Ipv4Net) -> bool {
+        match self.cluster.release_block(pool, cidr, &self.node).await {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(%pool, block = %cidr, error = %e, "could not give back block");
+                false
+            }
         }
     }
 
     /// Idempotent: an unknown key is Ok(None). Durable before it returns.
     pub async fn release(&self, key: &AllocKey) -> Result<Option<Allocation>, IpamError> {
+        let released = self.release_where(key, |_, _| true).await?;
+        if let Some(a) = &released {
+            info!(ip = %a.ip, pool = %a.pool, container = %a.key.container_id,
+                ifname = %a.key.ifname, "released");
+        }
+        Ok(released)
+    }
+
+    /// Reconcile's release: only if `key` still holds the very allocation
+    /// `expected` (same IP and creation time) and no Allocate or Check has
+    /// seen it at or after `not_touched_since_ms`. Checked and released in one
+    /// step under the allocator lock, so a retried ADD that gets the address
+    /// back either comes first (and the address stays) or finds the key gone
+    /// (and gets a new one). Ok(None) when refused. Does not log; the caller
+    /// says why it released.
+    pub async fn release_if_idle(
+        &self,
+        expected: &Allocation,
+        not_touched_since_ms: i64,
+    ) -> Result<Option<Allocation>, IpamError> {
+        self.release_where(&expected.key, |current, last_activity| {
+            current.ip == expected.ip
+                && current.created_unix_ms == expected.created_unix_ms
+                && last_activity.is_none_or(|t| t < not_touched_since_ms)
+        })
+        .await
+    }
+
+    /// Releases `key` if `keep_going(allocation, last activity)` says so,
+    /// deciding under the lock.
+    async fn release_where(
+        &self,
+        key: &AllocKey,
+        keep_going: impl FnOnce(&Allocation, Option<i64>) -> bool,
+    ) -> Result<Option<Allocation>, IpamError> {
         let (released, seq) = {
             let now = self.now();
             let mut st = self.lock();
             match st.plan_release(key, now) {
                 Some((a, muts)) => {
+                    let last = self.activity(&st).get(key).copied();
+                    if !keep_going(&a, last) {
+                        return Ok(None);
+                    }
                     let seq = self.commit(&mut st, &muts, now)?;
-                    info!(ip = %a.ip, pool = %a.pool, container = %a.key.container_id,
-                        ifname = %a.key.ifname, "released");
+                    self.activity(&st).remove(key);
                     (Some(a), seq)
                 }
                 // A concurrent release of this key may still be flushing.
@@ -269,8 +348,29 @@ impl Ipam {
         Ok(released)
     }
 
+    /// The allocation of `key`, without side effects.
     pub fn get(&self, key: &AllocKey) -> Option<Allocation> {
         self.lock().get(key).cloned()
+    }
+
+    /// The plugin's CHECK: [`Ipam::get`] that also counts as activity on the
+    /// key, like an Allocate (a runtime is working with this attachment).
+    pub fn check(&self, key: &AllocKey) -> Option<Allocation> {
+        let st = self.lock();
+        let a = st.get(key).cloned();
+        if a.is_some() {
+            self.activity(&st).insert(key.clone(), self.now());
+        }
+        a
+    }
+
+    /// All allocations (sorted by IP) and the last activity per key, from
+    /// one moment, for reconcile.
+    pub fn allocations_with_activity(&self) -> (Vec<Allocation>, HashMap<AllocKey, i64>) {
+        let st = self.lock();
+        let all = st.allocations(&AllocationFilter::default());
+        let activity = self.activity(&st).clone();
+        (all, activity)
     }
 
     /// Releases every allocation of `network` whose key is not in `valid`.
@@ -284,6 +384,10 @@ impl Ipam {
             let mut st = self.lock();
             let (gone, muts) = st.plan_gc(network, valid, now);
             let seq = self.commit(&mut st, &muts, now)?;
+            let mut activity = self.activity(&st);
+            for a in &gone {
+                activity.remove(&a.key);
+            }
             (gone, seq)
         };
         self.store.durable(seq).await?;
@@ -294,11 +398,23 @@ impl Ipam {
         Ok(gone)
     }
 
-    /// Ready while at least one pool can still hand out an address (from an
-    /// owned block or a block nobody owns); NoAddresses when none can.
+    /// NotAvailable while the store cannot promise durability (after a
+    /// failed fdatasync: ipamd must restart); otherwise Ready while at least
+    /// one pool can still hand out an address (from an owned block or a
+    /// block nobody owns); NoAddresses when none can.
     pub fn readiness(&self) -> (Readiness, String) {
         let now = self.now();
         let st = self.lock();
+        self.readiness_of(&st, now)
+    }
+
+    fn readiness_of(&self, st: &Allocator, now: i64) -> (Readiness, String) {
+        if let Err(e) = self.store.health() {
+            return (
+                Readiness::NotAvailable,
+                format!("store: {e}; ipamd must restart"),
+            );
+        }
         let names: Vec<String> = st.pool_specs().map(|p| p.name.clone()).collect();
         if names.iter().any(|n| st.can_allocate(n, now)) {
             return (Readiness::Ready, String::new());
@@ -311,6 +427,20 @@ impl Ipam {
             .map(|n| st.exhausted_error(n, now).to_string())
             .collect();
         (Readiness::NoAddresses, why.join("; "))
+    }
+
+    /// Readiness and counts under one lock, for Status.
+    pub fn summary(&self) -> Summary {
+        let now = self.now();
+        let st = self.lock();
+        let (readiness, reason) = self.readiness_of(&st, now);
+        Summary {
+            readiness,
+            reason,
+            allocations: st.allocation_count(),
+            pools: st.pool_specs().count(),
+            blocks: st.block_count(),
+        }
     }
 
     pub fn node(&self) -> &str {
@@ -406,12 +536,13 @@ impl Ipam {
             (blocks, self.commit(&mut st, &muts, now)?)
         };
         self.store.durable(seq).await?;
+        // Forgotten here already: one block the cluster refuses must not
+        // keep the others claimed there.
         let mut out = Vec::with_capacity(blocks.len());
         for b in blocks {
-            self.cluster
-                .release_block(&b.pool, b.cidr, &self.node)
-                .await?;
-            info!(pool = %b.pool, block = %b.cidr, "released idle block");
+            if self.give_back(&b.pool, b.cidr).await {
+                info!(pool = %b.pool, block = %b.cidr, "released idle block");
+            }
             out.push(b.cidr);
         }
         Ok(out)
@@ -773,6 +904,212 @@ mod tests {
         );
         assert!(ipam.check_consistency().unwrap().is_empty());
         assert_ne!(ipam.allocate(params(2)).await.unwrap().ip, a.ip);
+    }
+
+    #[tokio::test]
+    async fn release_if_idle_respects_activity_and_identity() {
+        let (ipam, _store, tc) = open_mem(vec![spec("default", "10.0.0.0/24", 28, &[])]).await;
+        let a = ipam.allocate(params(1)).await.unwrap();
+        // Reconcile's first missing look, then a retried ADD of the same key.
+        tc.advance(400_000);
+        let first_look = tc.0.load(Ordering::SeqCst);
+        tc.advance(1_000);
+        assert_eq!(ipam.allocate(params(1)).await.unwrap(), a);
+        assert_eq!(ipam.release_if_idle(&a, first_look).await.unwrap(), None);
+        assert_eq!(ipam.get(&a.key), Some(a.clone()));
+        // A CHECK is activity too; get() is not.
+        tc.advance(1_000);
+        let later_look = tc.0.load(Ordering::SeqCst);
+        assert_eq!(ipam.check(&a.key), Some(a.clone()));
+        assert_eq!(ipam.release_if_idle(&a, later_look).await.unwrap(), None);
+        tc.advance(1);
+        let idle_since = tc.0.load(Ordering::SeqCst);
+        ipam.get(&a.key);
+        tc.advance(1);
+        // Not the allocation that was watched: same key, another address.
+        let mut other = a.clone();
+        other.ip = ip("10.0.0.9");
+        assert_eq!(
+            ipam.release_if_idle(&other, idle_since).await.unwrap(),
+            None
+        );
+        let mut older = a.clone();
+        older.created_unix_ms -= 1;
+        assert_eq!(
+            ipam.release_if_idle(&older, idle_since).await.unwrap(),
+            None
+        );
+        // Untouched since the look and still the same allocation: released.
+        assert_eq!(
+            ipam.release_if_idle(&a, idle_since).await.unwrap(),
+            Some(a.clone())
+        );
+        assert_eq!(ipam.get(&a.key), None);
+        assert!(ipam.allocations_with_activity().1.is_empty());
+        assert!(ipam.check_consistency().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn activity_is_reported_and_forgotten_with_the_allocation() {
+        let (ipam, _store, tc) = open_mem(vec![spec("default", "10.0.0.0/24", 28, &[])]).await;
+        let t0 = tc.0.load(Ordering::SeqCst);
+        ipam.allocate(params(1)).await.unwrap();
+        ipam.allocate(params(2)).await.unwrap();
+        tc.advance(5);
+        ipam.allocate(params(2)).await.unwrap();
+        let (all, activity) = ipam.allocations_with_activity();
+        assert_eq!(all.len(), 2);
+        assert_eq!(activity.get(&params(1).key), Some(&t0));
+        assert_eq!(activity.get(&params(2).key), Some(&(t0 + 5)));
+        ipam.release(&params(1).key).await.unwrap();
+        ipam.gc("ferry", &[]).await.unwrap();
+        assert!(ipam.allocations_with_activity().1.is_empty());
+    }
+
+    #[tokio::test]
+    async fn poisoned_store_makes_ipamd_not_available() {
+        let (ipam, store, _tc) = open_mem(vec![spec("default", "10.0.0.0/24", 28, &[])]).await;
+        let a = ipam.allocate(params(1)).await.unwrap();
+        assert_eq!(ipam.readiness().0, Readiness::Ready);
+        store.poison(true);
+        let (r, why) = ipam.readiness();
+        assert_eq!(r, Readiness::NotAvailable);
+        assert!(why.contains("injected fdatasync failure"), "{why}");
+        assert_eq!(ipam.summary().readiness, Readiness::NotAvailable);
+        assert!(matches!(
+            ipam.allocate(params(2)).await,
+            Err(IpamError::Store(_))
+        ));
+        assert!(matches!(
+            ipam.allocate(params(1)).await,
+            Err(IpamError::Store(_))
+        ));
+        // Nothing is held in memory for the failed Allocate.
+        assert_eq!(ipam.allocations(&AllocationFilter::default()), vec![a]);
+        assert!(ipam.check_consistency().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn failed_fdatasync_stops_sled_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SledStore::open(dir.path()).unwrap());
+        let ipam = Ipam::open(
+            opts(vec![spec("default", "10.0.0.0/24", 28, &[])]),
+            store.clone(),
+            Arc::new(LocalCluster),
+        )
+        .await
+        .unwrap();
+        ipam.allocate(params(1)).await.unwrap();
+        store.fail_next_flush();
+        assert!(matches!(
+            ipam.allocate(params(2)).await,
+            Err(IpamError::Store(_))
+        ));
+        assert_eq!(ipam.readiness().0, Readiness::NotAvailable);
+        // The store refuses before writing, so memory does not move either.
+        assert!(matches!(
+            ipam.allocate(params(3)).await,
+            Err(IpamError::Store(_))
+        ));
+        assert!(matches!(
+            ipam.release(&params(1).key).await,
+            Err(IpamError::Store(_))
+        ));
+        assert!(ipam.get(&params(3).key).is_none());
+        assert!(ipam.get(&params(1).key).is_some());
+        assert_eq!(ipam.summary().allocations, 2);
+        assert!(ipam.check_consistency().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn summary_counts_match_the_listings() {
+        let (ipam, _store, _tc) = open_mem(vec![
+            spec("default", "10.0.0.0/24", 30, &[]),
+            spec("blue", "10.1.0.0/24", 28, &["blue"]),
+        ])
+        .await;
+        for i in 0..5 {
+            ipam.allocate(params(i)).await.unwrap();
+        }
+        let s = ipam.summary();
+        assert_eq!(
+            s,
+            Summary {
+                readiness: Readiness::Ready,
+                reason: String::new(),
+                allocations: 5,
+                pools: 2,
+                blocks: 2,
+            }
+        );
+        assert_eq!(s.blocks, ipam.blocks(None).len());
+        assert_eq!(s.pools, ipam.pools().len());
+    }
+
+    /// A cluster that refuses the first block given back.
+    #[derive(Default)]
+    struct FlakyRelease {
+        released: Mutex<Vec<Ipv4Net>>,
+    }
+
+    impl ClusterStore for FlakyRelease {
+        fn claim_block<'a>(
+            &'a self,
+            _pool: &'a str,
+            _cidr: Ipv4Net,
+            _node: &'a str,
+        ) -> BoxFuture<'a, Result<bool, ClusterError>> {
+            Box::pin(async { Ok(true) })
+        }
+        fn release_block<'a>(
+            &'a self,
+            _pool: &'a str,
+            cidr: Ipv4Net,
+            _node: &'a str,
+        ) -> BoxFuture<'a, Result<(), ClusterError>> {
+            let mut released = self.released.lock().unwrap();
+            released.push(cidr);
+            let r = if released.len() == 1 {
+                Err(ClusterError::Unavailable("no quorum".into()))
+            } else {
+                Ok(())
+            };
+            Box::pin(async move { r })
+        }
+        fn foreign_blocks<'a>(
+            &'a self,
+            _pool: &'a str,
+        ) -> BoxFuture<'a, Result<Vec<BlockClaim>, ClusterError>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_block_release_goes_on_after_a_cluster_error() {
+        let cluster = Arc::new(FlakyRelease::default());
+        let (tc, clock) = TestClock::new();
+        let ipam = Ipam::open_with_clock(
+            opts(vec![spec("default", "10.0.0.0/24", 30, &[])]),
+            Arc::new(MemoryStore::new()),
+            cluster.clone(),
+            clock,
+        )
+        .await
+        .unwrap();
+        for i in 0..8 {
+            ipam.allocate(params(i)).await.unwrap();
+        }
+        for i in 0..8 {
+            ipam.release(&params(i).key).await.unwrap();
+        }
+        tc.advance(600_000);
+        let gone = ipam.release_idle_blocks().await.unwrap();
+        assert_eq!(gone.len(), 2);
+        // Both were offered to the cluster, although the first was refused.
+        assert_eq!(*cluster.released.lock().unwrap(), gone);
+        assert_eq!(ipam.owned_blocks().len(), 1);
+        assert!(ipam.check_consistency().unwrap().is_empty());
     }
 
     /// A cluster in which another node owns some blocks and races us for

@@ -1,8 +1,12 @@
 //! Reconcile: compare IPAM allocations with the host veths that should carry
-//! them. An old allocation whose veth is gone is released only after two
-//! looks at least `stale_grace` apart, so a slow ADD or a passing glitch
-//! never costs a pod its address. Veths named `fry*` with no allocation are
-//! reported, never deleted: the plugin owns the dataplane.
+//! them. An allocation idle for `stale_grace` (since it was created and since
+//! the last Allocate or Check on its key) whose veth is gone is released only
+//! after two looks at least `stale_grace` apart with no activity on the key
+//! since the first, so a slow or retried ADD or a passing glitch never costs
+//! a pod its address. The release itself is conditional in the core
+//! ([`Ipam::release_if_idle`]): a retried ADD that got the address back in
+//! the meantime wins. Veths named `fry*` with no allocation are reported,
+//! never deleted: the plugin owns the dataplane.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -12,7 +16,7 @@ use tokio::sync::Mutex;
 
 use crate::error::IpamError;
 use crate::ipam::Ipam;
-use crate::model::{AllocKey, Allocation, AllocationFilter, Finding, FindingKind};
+use crate::model::{AllocKey, Allocation, Finding, FindingKind};
 use crate::node::{HostLinks, NodeError};
 
 pub trait Clock: Send + Sync {
@@ -62,10 +66,11 @@ pub struct Decision {
     pub release: Vec<Allocation>,
 }
 
-/// The pure core of reconcile: one look at `allocations` and the `fry*`
-/// links present, at `now`.
+/// The pure core of reconcile: one look at `allocations` (with `activity`,
+/// the last Allocate or Check per key) and the `fry*` links present, at `now`.
 pub fn decide(
     obs: &mut Observations,
+    activity: &HashMap<AllocKey, i64>,
     allocations: &[Allocation],
     links: &HashSet<String>,
     now_ms: i64,
@@ -80,8 +85,11 @@ pub fn decide(
         let veth = ferry_proto::host_veth_name(&a.key.container_id, &a.key.ifname);
         let present = links.contains(&veth);
         expected.insert(veth.clone());
-        // Young allocations may be mid-ADD, veth not created yet.
-        if present || now_ms.saturating_sub(a.created_unix_ms) < grace_ms {
+        let touched = activity.get(&a.key).copied();
+        let last_active = touched.map_or(a.created_unix_ms, |t| t.max(a.created_unix_ms));
+        // Young or recently retried allocations may be mid-ADD, veth not
+        // created yet.
+        if present || now_ms.saturating_sub(last_active) < grace_ms {
             continue;
         }
         still_missing.insert(a.key.clone());
@@ -89,9 +97,9 @@ pub fn decide(
             .first_missing
             .entry(a.key.clone())
             .or_insert((a.created_unix_ms, now_ms));
-        if entry.0 != a.created_unix_ms {
-            // The key was released and allocated again: a new allocation,
-            // a new first look.
+        if entry.0 != a.created_unix_ms || touched.is_some_and(|t| t >= entry.1) {
+            // The key was released and allocated again (a new allocation),
+            // or an ADD or CHECK came since the first look: a new first look.
             *entry = (a.created_unix_ms, now_ms);
         }
         let first = entry.1;
@@ -166,9 +174,10 @@ impl Reconciler {
 
     async fn observe(&self, obs: &mut Observations) -> Result<Decision, ReconcileError> {
         let links: HashSet<String> = self.links.fry_links().await?.into_iter().collect();
-        let allocations = self.ipam.allocations(&AllocationFilter::default());
+        let (allocations, activity) = self.ipam.allocations_with_activity();
         Ok(decide(
             obs,
+            &activity,
             &allocations,
             &links,
             self.clock.now_unix_ms(),
@@ -210,12 +219,13 @@ impl Reconciler {
             if links.contains(&veth) {
                 continue;
             }
-            // Only the very allocation we watched: not a newer one on the key.
-            match self.ipam.get(&a.key) {
-                Some(current) if current.created_unix_ms == a.created_unix_ms => {}
-                _ => continue,
-            }
-            match self.ipam.release(&a.key).await {
+            let Some(&(_, first_look)) = obs.first_missing.get(&a.key) else {
+                continue;
+            };
+            // Only the very allocation we watched, and only if no ADD or
+            // CHECK reached it since the first look: decided and done under
+            // the core's lock, so a retried ADD cannot slip in between.
+            match self.ipam.release_if_idle(&a, first_look).await {
                 Ok(Some(r)) => {
                     tracing::warn!(
                         ip = %r.ip,
@@ -227,6 +237,7 @@ impl Reconciler {
                     released.push(r);
                 }
                 Ok(None) => {
+                    // Gone, replaced or touched: the looks start over.
                     obs.first_missing.remove(&a.key);
                 }
                 Err(e) => {
@@ -270,6 +281,10 @@ mod tests {
         ferry_proto::host_veth_name(&a.key.container_id, &a.key.ifname)
     }
 
+    fn none_active() -> HashMap<AllocKey, i64> {
+        HashMap::new()
+    }
+
     fn links(names: &[&str]) -> HashSet<String> {
         names.iter().map(|s| s.to_string()).collect()
     }
@@ -280,6 +295,7 @@ mod tests {
         let a = alloc("aaa", 0);
         let d = decide(
             &mut obs,
+            &none_active(),
             std::slice::from_ref(&a),
             &links(&[&veth(&a)]),
             1000 * S,
@@ -288,7 +304,14 @@ mod tests {
         assert_eq!(d, Decision::default());
         // Missing but younger than the grace: maybe an ADD in progress.
         let young = alloc("bbb", 900 * S);
-        let d = decide(&mut obs, &[young], &links(&[]), 1000 * S, GRACE);
+        let d = decide(
+            &mut obs,
+            &none_active(),
+            &[young],
+            &links(&[]),
+            1000 * S,
+            GRACE,
+        );
         assert_eq!(d, Decision::default());
         assert!(obs.first_missing.is_empty());
     }
@@ -299,13 +322,21 @@ mod tests {
         let a = alloc("aaa", 0);
         let none = links(&[]);
         let t0 = 1000 * S;
-        let d = decide(&mut obs, std::slice::from_ref(&a), &none, t0, GRACE);
+        let d = decide(
+            &mut obs,
+            &none_active(),
+            std::slice::from_ref(&a),
+            &none,
+            t0,
+            GRACE,
+        );
         assert_eq!(d.findings.len(), 1);
         assert_eq!(d.findings[0].kind, FindingKind::MissingVeth);
         assert!(d.release.is_empty());
         // Another look before the grace has passed: still only suspect.
         let d = decide(
             &mut obs,
+            &none_active(),
             std::slice::from_ref(&a),
             &none,
             t0 + 299 * S,
@@ -315,6 +346,7 @@ mod tests {
         // A grace period after the first look: released.
         let d = decide(
             &mut obs,
+            &none_active(),
             std::slice::from_ref(&a),
             &none,
             t0 + 300 * S,
@@ -328,9 +360,17 @@ mod tests {
         let mut obs = Observations::default();
         let a = alloc("aaa", 0);
         let t0 = 1000 * S;
-        decide(&mut obs, std::slice::from_ref(&a), &links(&[]), t0, GRACE);
         decide(
             &mut obs,
+            &none_active(),
+            std::slice::from_ref(&a),
+            &links(&[]),
+            t0,
+            GRACE,
+        );
+        decide(
+            &mut obs,
+            &none_active(),
             std::slice::from_ref(&a),
             &links(&[&veth(&a)]),
             t0 + 100 * S,
@@ -338,6 +378,7 @@ mod tests {
         );
         let d = decide(
             &mut obs,
+            &none_active(),
             std::slice::from_ref(&a),
             &links(&[]),
             t0 + 300 * S,
@@ -346,6 +387,7 @@ mod tests {
         assert!(d.release.is_empty(), "first look was reset by the veth");
         let d = decide(
             &mut obs,
+            &none_active(),
             std::slice::from_ref(&a),
             &links(&[]),
             t0 + 600 * S,
@@ -360,6 +402,7 @@ mod tests {
         let a = alloc("aaa", 0);
         let d = decide(
             &mut obs,
+            &none_active(),
             std::slice::from_ref(&a),
             &links(&[]),
             10 * S,
@@ -368,6 +411,7 @@ mod tests {
         assert!(d.release.is_empty());
         let d = decide(
             &mut obs,
+            &none_active(),
             std::slice::from_ref(&a),
             &links(&[]),
             11 * S,
@@ -381,9 +425,16 @@ mod tests {
         let mut obs = Observations::default();
         let old = alloc("aaa", 0);
         let t0 = 1000 * S;
-        decide(&mut obs, &[old], &links(&[]), t0, GRACE);
+        decide(&mut obs, &none_active(), &[old], &links(&[]), t0, GRACE);
         let new = alloc("aaa", t0 - 400 * S + 1);
-        let d = decide(&mut obs, &[new], &links(&[]), t0 + 300 * S, GRACE);
+        let d = decide(
+            &mut obs,
+            &none_active(),
+            &[new],
+            &links(&[]),
+            t0 + 300 * S,
+            GRACE,
+        );
         assert!(d.release.is_empty());
     }
 
@@ -393,6 +444,7 @@ mod tests {
         let a = alloc("aaa", 0);
         let d = decide(
             &mut obs,
+            &none_active(),
             std::slice::from_ref(&a),
             &links(&[&veth(&a), "fryorphan00001", "eth0"]),
             1000 * S,
@@ -489,13 +541,165 @@ mod tests {
         assert!(ipam.get(&keep.key).is_some());
     }
 
+    /// A core and a reconcile sharing one test clock.
+    async fn core_at(start_ms: i64) -> (Arc<Ipam>, Arc<TestClock>) {
+        use crate::cluster::local::LocalCluster;
+        use crate::ipam::IpamOptions;
+        use crate::model::PoolSpec;
+        use crate::store::memory::MemoryStore;
+
+        let clock = Arc::new(TestClock(std::sync::atomic::AtomicI64::new(start_ms)));
+        let core_clock = clock.clone();
+        let ipam = Ipam::open_with_clock(
+            IpamOptions {
+                node: "n1".into(),
+                pools: vec![PoolSpec::new(
+                    "default",
+                    "10.244.0.0/24".parse().unwrap(),
+                    26,
+                    vec![],
+                )],
+                cooldown: Duration::from_secs(30),
+                block_idle_grace: Duration::from_secs(600),
+            },
+            Arc::new(MemoryStore::new()),
+            Arc::new(LocalCluster),
+            Arc::new(move || core_clock.now_unix_ms()),
+        )
+        .await
+        .unwrap();
+        (Arc::new(ipam), clock)
+    }
+
+    fn add_params(a: &Allocation) -> crate::model::AllocateParams {
+        crate::model::AllocateParams {
+            key: a.key.clone(),
+            pod: a.pod.clone(),
+            requested_ips: vec![],
+            pool_hint: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_retried_add_makes_the_allocation_young_again() {
+        use crate::node::fake::FakeHost;
+        use std::sync::atomic::Ordering;
+
+        let (ipam, clock) = core_at(1_000_000).await;
+        let host = Arc::new(FakeHost::default());
+        let rec = Reconciler::new(ipam.clone(), host.clone(), clock.clone(), GRACE);
+        let advance = |secs: i64| clock.0.fetch_add(secs * S, Ordering::SeqCst);
+        let a = ipam.allocate(add_params(&alloc("stale", 0))).await.unwrap();
+
+        advance(400);
+        assert!(rec.run_once().await.unwrap().is_empty(), "first look");
+        advance(300);
+        // The runtime ADDs the same key again: it gets the same address and
+        // is about to create the veth.
+        assert_eq!(ipam.allocate(add_params(&a)).await.unwrap(), a);
+        assert!(
+            rec.run_once().await.unwrap().is_empty(),
+            "the address was just handed out again"
+        );
+        advance(299);
+        assert!(rec.run_once().await.unwrap().is_empty(), "still young");
+        // Still no veth a grace after the ADD: two fresh looks are needed.
+        advance(1);
+        assert!(rec.run_once().await.unwrap().is_empty(), "new first look");
+        advance(300);
+        let released = rec.run_once().await.unwrap();
+        assert_eq!(released, vec![a]);
+    }
+
+    /// Host links whose `call`-th listing lets a retried ADD of `params`
+    /// reach the core first, as if it arrived while reconcile was deciding.
+    struct RacingHost {
+        ipam: Arc<Ipam>,
+        params: crate::model::AllocateParams,
+        calls: std::sync::atomic::AtomicUsize,
+        call: usize,
+    }
+
+    impl HostLinks for RacingHost {
+        fn fry_links(&self) -> crate::store::BoxFuture<'_, Result<Vec<String>, NodeError>> {
+            let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            Box::pin(async move {
+                if n == self.call {
+                    self.ipam.allocate(self.params.clone()).await.unwrap();
+                }
+                Ok(Vec::new())
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_retried_add_during_the_release_keeps_the_address() {
+        use std::sync::atomic::Ordering;
+
+        let (ipam, clock) = core_at(1_000_000).await;
+        let a = ipam.allocate(add_params(&alloc("stale", 0))).await.unwrap();
+        // Listings: 1 = first look, 2 = second look, 3 = the re-read just
+        // before releasing, during which the ADD lands.
+        let host = Arc::new(RacingHost {
+            ipam: ipam.clone(),
+            params: add_params(&a),
+            calls: Default::default(),
+            call: 3,
+        });
+        let rec = Reconciler::new(ipam.clone(), host.clone(), clock.clone(), GRACE);
+        let advance = |secs: i64| clock.0.fetch_add(secs * S, Ordering::SeqCst);
+        advance(400);
+        assert!(rec.run_once().await.unwrap().is_empty());
+        advance(300);
+        assert!(rec.run_once().await.unwrap().is_empty());
+        assert_eq!(host.calls.load(Ordering::SeqCst), 3);
+        assert_eq!(ipam.get(&a.key), Some(a));
+    }
+
+    #[test]
+    fn activity_after_the_first_look_restarts_it() {
+        let mut obs = Observations::default();
+        let a = alloc("aaa", 0);
+        let t0 = 1000 * S;
+        decide(
+            &mut obs,
+            &none_active(),
+            std::slice::from_ref(&a),
+            &links(&[]),
+            t0,
+            GRACE,
+        );
+        // Touched after the first look, but longer than a grace ago by the
+        // second (no look in between saw it young).
+        let touched = HashMap::from([(a.key.clone(), t0 + S)]);
+        let d = decide(
+            &mut obs,
+            &touched,
+            std::slice::from_ref(&a),
+            &links(&[]),
+            t0 + 400 * S,
+            GRACE,
+        );
+        assert!(d.release.is_empty());
+        assert_eq!(obs.first_missing[&a.key], (0, t0 + 400 * S));
+        let d = decide(
+            &mut obs,
+            &touched,
+            std::slice::from_ref(&a),
+            &links(&[]),
+            t0 + 700 * S,
+            GRACE,
+        );
+        assert_eq!(d.release, vec![a]);
+    }
+
     #[test]
     fn forgotten_keys_are_dropped() {
         let mut obs = Observations::default();
         let a = alloc("aaa", 0);
-        decide(&mut obs, &[a], &links(&[]), 1000 * S, GRACE);
+        decide(&mut obs, &none_active(), &[a], &links(&[]), 1000 * S, GRACE);
         assert_eq!(obs.first_missing.len(), 1);
-        decide(&mut obs, &[], &links(&[]), 1001 * S, GRACE);
+        decide(&mut obs, &none_active(), &[], &links(&[]), 1001 * S, GRACE);
         assert!(obs.first_missing.is_empty());
     }
 }

@@ -358,6 +358,10 @@ impl Allocator {
         self.allocations.len()
     }
 
+    pub fn block_count(&self) -> usize {
+        self.blocks.len()
+    }
+
     pub fn owned_blocks(&self) -> Vec<Ipv4Net> {
         self.blocks.keys().copied().collect()
     }

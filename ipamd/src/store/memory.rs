@@ -24,6 +24,7 @@ struct State {
 pub struct MemoryStore {
     state: Mutex<State>,
     fail: AtomicBool,
+    poisoned: AtomicBool,
 }
 
 impl MemoryStore {
@@ -57,6 +58,19 @@ impl MemoryStore {
     /// core's state never runs ahead of its store.
     pub fn fail_applies(&self, fail: bool) {
         self.fail.store(fail, Ordering::SeqCst);
+    }
+
+    /// While set, the store behaves like a sled store after a failed
+    /// fdatasync: `durable` and `apply` fail and `health` reports it.
+    pub fn poison(&self, poisoned: bool) {
+        self.poisoned.store(poisoned, Ordering::SeqCst);
+    }
+
+    fn poisoned_error() -> StoreError {
+        StoreError::Io {
+            path: "memory".into(),
+            source: std::io::Error::other("injected fdatasync failure"),
+        }
     }
 
     /// The reverse index, for consistency checks in tests.
@@ -136,6 +150,7 @@ impl Store for MemoryStore {
     }
 
     fn apply(&self, batch: &[Mutation]) -> Result<Seq, StoreError> {
+        self.health()?;
         if self.fail.load(Ordering::SeqCst) {
             return Err(StoreError::Io {
                 path: "memory".into(),
@@ -153,6 +168,15 @@ impl Store for MemoryStore {
     }
 
     fn durable(&self, _seq: Seq) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async { Ok(()) })
+        let r = self.health();
+        Box::pin(async move { r })
+    }
+
+    fn health(&self) -> Result<(), StoreError> {
+        if self.poisoned.load(Ordering::SeqCst) {
+            Err(Self::poisoned_error())
+        } else {
+            Ok(())
+        }
     }
 }

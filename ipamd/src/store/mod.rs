@@ -79,4 +79,8 @@ pub trait Store: Send + Sync {
     fn last_seq(&self) -> Seq;
     /// Resolves once every batch up to `seq` survives a crash.
     fn durable(&self, seq: Seq) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Err once the store can no longer promise durability (a failed
+    /// fdatasync): from then on `apply` refuses every batch, so memory never
+    /// runs ahead of what could be made durable, and ipamd must restart.
+    fn health(&self) -> Result<(), StoreError>;
 }

@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 
@@ -66,6 +66,9 @@ pub struct SledStore {
     flushed: watch::Receiver<FlushState>,
     wake: Option<mpsc::Sender<()>>,
     flusher: Option<JoinHandle<()>>,
+    /// Tests set it to make the next flush fail as a failed fdatasync would.
+    #[cfg_attr(not(test), allow(dead_code))]
+    fail_next_flush: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -118,13 +121,19 @@ impl SledStore {
         let last_seq = Arc::new(AtomicU64::new(0));
         let (state_tx, state_rx) = watch::channel(FlushState::default());
         let (wake_tx, wake_rx) = mpsc::channel();
+        let fail_next_flush = Arc::new(AtomicBool::new(false));
         let flusher = {
-            let db = db.clone();
-            let last_seq = last_seq.clone();
-            let blobs = dir.join("blobs");
+            let flusher = Flusher {
+                db: db.clone(),
+                log,
+                log_path,
+                blobs: dir.join("blobs"),
+                last_seq: last_seq.clone(),
+                fail_next: fail_next_flush.clone(),
+            };
             std::thread::Builder::new()
                 .name("ferry-store-flush".into())
-                .spawn(move || flush_loop(db, log, log_path, blobs, last_seq, wake_rx, state_tx))
+                .spawn(move || flusher.run(wake_rx, state_tx))
                 .map_err(|e| io_err(&dir, e))?
         };
 
@@ -141,7 +150,23 @@ impl SledStore {
             flushed: state_rx,
             wake: Some(wake_tx),
             flusher: Some(flusher),
+            fail_next_flush,
         })
+    }
+
+    /// Makes the next flush fail, as a failed fdatasync would: the store is
+    /// poisoned from then on.
+    #[cfg(test)]
+    pub(crate) fn fail_next_flush(&self) {
+        self.fail_next_flush.store(true, Ordering::SeqCst);
+    }
+
+    /// The sticky flush error as a StoreError.
+    fn poisoned(&self, error: &str) -> StoreError {
+        StoreError::Io {
+            path: self.dir.clone(),
+            source: std::io::Error::other(error.to_string()),
+        }
     }
 
     /// Where the database lives (`state_dir/db`).
@@ -185,47 +210,62 @@ impl Drop for SledStore {
     }
 }
 
-fn flush_loop(
+/// The background flusher's handles.
+struct Flusher {
     db: ::sled::Db,
     log: File,
     log_path: PathBuf,
     blobs: PathBuf,
     last_seq: Arc<AtomicU64>,
-    wake: mpsc::Receiver<()>,
-    state: watch::Sender<FlushState>,
-) {
-    let mut synced_blobs: HashSet<PathBuf> = HashSet::new();
-    while wake.recv().is_ok() {
-        // Everyone who asked so far is served by this one flush.
-        while wake.try_recv().is_ok() {}
-        let target = last_seq.load(Ordering::SeqCst);
-        {
-            let s = state.borrow();
-            if s.error.is_some() || s.flushed >= target {
-                continue;
+    fail_next: Arc<AtomicBool>,
+}
+
+impl Flusher {
+    fn run(self, wake: mpsc::Receiver<()>, state: watch::Sender<FlushState>) {
+        let mut synced_blobs: HashSet<PathBuf> = HashSet::new();
+        while wake.recv().is_ok() {
+            // Everyone who asked so far is served by this one flush.
+            while wake.try_recv().is_ok() {}
+            let target = self.last_seq.load(Ordering::SeqCst);
+            {
+                let s = state.borrow();
+                if s.error.is_some() || s.flushed >= target {
+                    continue;
+                }
+            }
+            let res = self.flush(&mut synced_blobs);
+            match res {
+                Ok(()) => {
+                    debug!(seq = target, "store flushed");
+                    state.send_modify(|s| {
+                        s.flushed = s.flushed.max(target);
+                        s.flushes += 1;
+                    });
+                }
+                Err(e) => {
+                    error!(error = %e, "store flush failed; durability can no longer be promised");
+                    state.send_modify(|s| s.error = Some(e));
+                }
             }
         }
-        let res = db
+    }
+
+    fn flush(&self, synced_blobs: &mut HashSet<PathBuf>) -> Result<(), String> {
+        if self.fail_next.swap(false, Ordering::SeqCst) {
+            return Err(format!(
+                "fdatasync {}: injected failure",
+                self.log_path.display()
+            ));
+        }
+        self.db
             .flush()
             .map_err(|e| format!("sled flush: {e}"))
             .and_then(|_| {
-                log.sync_data()
-                    .map_err(|e| format!("fdatasync {}: {e}", log_path.display()))
+                self.log
+                    .sync_data()
+                    .map_err(|e| format!("fdatasync {}: {e}", self.log_path.display()))
             })
-            .and_then(|()| sync_blobs(&blobs, &mut synced_blobs));
-        match res {
-            Ok(()) => {
-                debug!(seq = target, "store flushed");
-                state.send_modify(|s| {
-                    s.flushed = s.flushed.max(target);
-                    s.flushes += 1;
-                });
-            }
-            Err(e) => {
-                error!(error = %e, "store flush failed; durability can no longer be promised");
-                state.send_modify(|s| s.error = Some(e));
-            }
-        }
+            .and_then(|()| sync_blobs(&self.blobs, synced_blobs))
     }
 }
 
@@ -530,6 +570,9 @@ impl Store for SledStore {
     fn apply(&self, batch: &[Mutation]) -> Result<Seq, StoreError> {
         let ops = encode(batch)?;
         let mut w = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        // Poisoned: nothing written now could be made durable, and the core
+        // applies a batch to memory only when this succeeds.
+        self.health()?;
         let cooling_at = &w.cooling_at;
         let res = (
             &self.pools,
@@ -623,12 +666,7 @@ impl Store for SledStore {
                 if s.flushed >= seq {
                     Some(Ok(()))
                 } else {
-                    s.error.as_ref().map(|e| {
-                        Err(StoreError::Io {
-                            path: self.dir.clone(),
-                            source: std::io::Error::other(e.clone()),
-                        })
-                    })
+                    s.error.as_deref().map(|e| Err(self.poisoned(e)))
                 }
             };
             if let Some(r) = check(&rx.borrow_and_update()) {
@@ -642,6 +680,13 @@ impl Store for SledStore {
                 .map_err(|_| StoreError::Closed)?;
             check(&s).unwrap_or(Err(StoreError::Closed))
         })
+    }
+
+    fn health(&self) -> Result<(), StoreError> {
+        match self.flushed.borrow().error.as_deref() {
+            Some(e) => Err(self.poisoned(e)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -861,6 +906,27 @@ mod tests {
         // beyond the newest batch does not hang.
         s.durable(10).await.unwrap();
         s.durable(1_000).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn poisoned_store_refuses_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let seq = s.apply(&[Mutation::PutAllocation(alloc(1))]).unwrap();
+        s.durable(seq).await.unwrap();
+        assert!(s.health().is_ok());
+        s.fail_next_flush();
+        let seq = s.apply(&[Mutation::PutAllocation(alloc(2))]).unwrap();
+        let err = s.durable(seq).await.unwrap_err();
+        assert!(err.to_string().contains("injected failure"), "{err}");
+        // Sticky: reported by health, and nothing more is written.
+        assert!(s.health().is_err());
+        let before = s.last_seq();
+        assert!(s.apply(&[Mutation::PutAllocation(alloc(3))]).is_err());
+        assert_eq!(s.last_seq(), before);
+        let held: Vec<Ipv4Addr> = s.load().unwrap().allocations.iter().map(|a| a.ip).collect();
+        assert_eq!(held, vec![alloc(1).ip, alloc(2).ip]);
+        assert!(s.durable(seq).await.is_err());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
