@@ -175,6 +175,9 @@ pub enum FindingKind {
     MissingVeth,
     /// A host veth of ours with no allocation behind it.
     OrphanVeth,
+    /// Releases held back: not one `fry*` veth is visible, which is what
+    /// ipamd in the wrong network namespace sees, too.
+    ReleasesHeld,
 }
 
 impl FindingKind {
@@ -182,6 +185,7 @@ impl FindingKind {
         match self {
             FindingKind::MissingVeth => "missing-veth",
             FindingKind::OrphanVeth => "orphan-veth",
+            FindingKind::ReleasesHeld => "releases-held",
         }
     }
 }

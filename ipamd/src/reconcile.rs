@@ -133,6 +133,26 @@ pub fn decide(
     // Forget keys that are gone or whose veth came back.
     obs.first_missing.retain(|k, _| still_missing.contains(k));
 
+    // An ipamd started outside the node's netns sees no veth at all and would
+    // free every live pod's address. Without one visible veth of ours there is
+    // no telling that apart from a node whose pods are all gone, so wait: the
+    // first pod networked here lifts the hold.
+    let any_ours = links
+        .iter()
+        .any(|l| l.starts_with(ferry_proto::HOST_VETH_PREFIX));
+    if !any_ours && !decision.release.is_empty() {
+        decision.findings.push(Finding {
+            kind: FindingKind::ReleasesHeld,
+            detail: format!(
+                "{} stale allocation(s) kept: no fry* veth is visible at all; \
+                 is ipamd running in the node's network namespace?",
+                decision.release.len()
+            ),
+            allocation: None,
+        });
+        decision.release.clear();
+    }
+
     let mut orphans: Vec<&String> = links
         .iter()
         .filter(|l| l.starts_with(ferry_proto::HOST_VETH_PREFIX) && !expected.contains(*l))
@@ -281,6 +301,9 @@ mod tests {
         ferry_proto::host_veth_name(&a.key.container_id, &a.key.ifname)
     }
 
+    /// Another pod's veth: proof that ipamd looks at the node's namespace.
+    const NEIGHBOUR: &str = "fry0neighbour0";
+
     fn none_active() -> HashMap<AllocKey, i64> {
         HashMap::new()
     }
@@ -320,7 +343,7 @@ mod tests {
     fn release_needs_two_looks_a_grace_apart() {
         let mut obs = Observations::default();
         let a = alloc("aaa", 0);
-        let none = links(&[]);
+        let none = links(&[NEIGHBOUR]);
         let t0 = 1000 * S;
         let d = decide(
             &mut obs,
@@ -330,8 +353,12 @@ mod tests {
             t0,
             GRACE,
         );
-        assert_eq!(d.findings.len(), 1);
-        assert_eq!(d.findings[0].kind, FindingKind::MissingVeth);
+        let missing: Vec<_> = d
+            .findings
+            .iter()
+            .filter(|f| f.kind == FindingKind::MissingVeth)
+            .collect();
+        assert_eq!(missing.len(), 1, "{d:?}");
         assert!(d.release.is_empty());
         // Another look before the grace has passed: still only suspect.
         let d = decide(
@@ -364,7 +391,7 @@ mod tests {
             &mut obs,
             &none_active(),
             std::slice::from_ref(&a),
-            &links(&[]),
+            &links(&[NEIGHBOUR]),
             t0,
             GRACE,
         );
@@ -380,7 +407,7 @@ mod tests {
             &mut obs,
             &none_active(),
             std::slice::from_ref(&a),
-            &links(&[]),
+            &links(&[NEIGHBOUR]),
             t0 + 300 * S,
             GRACE,
         );
@@ -389,7 +416,7 @@ mod tests {
             &mut obs,
             &none_active(),
             std::slice::from_ref(&a),
-            &links(&[]),
+            &links(&[NEIGHBOUR]),
             t0 + 600 * S,
             GRACE,
         );
@@ -404,7 +431,7 @@ mod tests {
             &mut obs,
             &none_active(),
             std::slice::from_ref(&a),
-            &links(&[]),
+            &links(&[NEIGHBOUR]),
             10 * S,
             Duration::ZERO,
         );
@@ -413,7 +440,7 @@ mod tests {
             &mut obs,
             &none_active(),
             std::slice::from_ref(&a),
-            &links(&[]),
+            &links(&[NEIGHBOUR]),
             11 * S,
             Duration::ZERO,
         );
@@ -425,13 +452,20 @@ mod tests {
         let mut obs = Observations::default();
         let old = alloc("aaa", 0);
         let t0 = 1000 * S;
-        decide(&mut obs, &none_active(), &[old], &links(&[]), t0, GRACE);
+        decide(
+            &mut obs,
+            &none_active(),
+            &[old],
+            &links(&[NEIGHBOUR]),
+            t0,
+            GRACE,
+        );
         let new = alloc("aaa", t0 - 400 * S + 1);
         let d = decide(
             &mut obs,
             &none_active(),
             &[new],
-            &links(&[]),
+            &links(&[NEIGHBOUR]),
             t0 + 300 * S,
             GRACE,
         );
@@ -587,6 +621,7 @@ mod tests {
 
         let (ipam, clock) = core_at(1_000_000).await;
         let host = Arc::new(FakeHost::default());
+        host.set_links(&[NEIGHBOUR]);
         let rec = Reconciler::new(ipam.clone(), host.clone(), clock.clone(), GRACE);
         let advance = |secs: i64| clock.0.fetch_add(secs * S, Ordering::SeqCst);
         let a = ipam.allocate(add_params(&alloc("stale", 0))).await.unwrap();
@@ -627,7 +662,7 @@ mod tests {
                 if n == self.call {
                     self.ipam.allocate(self.params.clone()).await.unwrap();
                 }
-                Ok(Vec::new())
+                Ok(vec![NEIGHBOUR.to_string()])
             })
         }
     }
@@ -665,7 +700,7 @@ mod tests {
             &mut obs,
             &none_active(),
             std::slice::from_ref(&a),
-            &links(&[]),
+            &links(&[NEIGHBOUR]),
             t0,
             GRACE,
         );
@@ -676,7 +711,7 @@ mod tests {
             &mut obs,
             &touched,
             std::slice::from_ref(&a),
-            &links(&[]),
+            &links(&[NEIGHBOUR]),
             t0 + 400 * S,
             GRACE,
         );
@@ -686,7 +721,7 @@ mod tests {
             &mut obs,
             &touched,
             std::slice::from_ref(&a),
-            &links(&[]),
+            &links(&[NEIGHBOUR]),
             t0 + 700 * S,
             GRACE,
         );
@@ -697,9 +732,62 @@ mod tests {
     fn forgotten_keys_are_dropped() {
         let mut obs = Observations::default();
         let a = alloc("aaa", 0);
-        decide(&mut obs, &none_active(), &[a], &links(&[]), 1000 * S, GRACE);
+        decide(
+            &mut obs,
+            &none_active(),
+            &[a],
+            &links(&[NEIGHBOUR]),
+            1000 * S,
+            GRACE,
+        );
         assert_eq!(obs.first_missing.len(), 1);
-        decide(&mut obs, &none_active(), &[], &links(&[]), 1001 * S, GRACE);
+        decide(
+            &mut obs,
+            &none_active(),
+            &[],
+            &links(&[NEIGHBOUR]),
+            1001 * S,
+            GRACE,
+        );
         assert!(obs.first_missing.is_empty());
+    }
+
+    #[test]
+    fn no_visible_veth_at_all_holds_every_release() {
+        let mut obs = Observations::default();
+        let a = alloc("aaa", 0);
+        let t0 = 1000 * S;
+        decide(
+            &mut obs,
+            &none_active(),
+            std::slice::from_ref(&a),
+            &links(&[]),
+            t0,
+            GRACE,
+        );
+        let d = decide(
+            &mut obs,
+            &none_active(),
+            std::slice::from_ref(&a),
+            &links(&[]),
+            t0 + 300 * S,
+            GRACE,
+        );
+        assert!(d.release.is_empty(), "released blind: {d:?}");
+        assert!(
+            d.findings
+                .iter()
+                .any(|f| f.kind == FindingKind::ReleasesHeld)
+        );
+        // The first pod networked here shows ipamd sees the node: the hold lifts.
+        let d = decide(
+            &mut obs,
+            &none_active(),
+            std::slice::from_ref(&a),
+            &links(&[NEIGHBOUR]),
+            t0 + 301 * S,
+            GRACE,
+        );
+        assert_eq!(d.release, vec![a]);
     }
 }
