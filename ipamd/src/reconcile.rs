@@ -501,49 +501,16 @@ mod tests {
 
     #[tokio::test]
     async fn reconciler_releases_through_the_core() {
-        use crate::cluster::local::LocalCluster;
-        use crate::ipam::IpamOptions;
-        use crate::model::{AllocateParams, PoolSpec};
         use crate::node::fake::FakeHost;
-        use crate::store::memory::MemoryStore;
         use std::sync::atomic::Ordering;
 
-        let clock = Arc::new(TestClock(std::sync::atomic::AtomicI64::new(1_000_000)));
-        let core_clock = clock.clone();
-        let ipam = Arc::new(
-            Ipam::open_with_clock(
-                IpamOptions {
-                    node: "n1".into(),
-                    pools: vec![PoolSpec::new(
-                        "default",
-                        "10.244.0.0/24".parse().unwrap(),
-                        26,
-                        vec![],
-                    )],
-                    cooldown: Duration::from_secs(30),
-                    block_idle_grace: Duration::from_secs(600),
-                },
-                Arc::new(MemoryStore::new()),
-                Arc::new(LocalCluster),
-                Arc::new(move || core_clock.now_unix_ms()),
-            )
-            .await
-            .unwrap(),
-        );
+        let (ipam, clock) = core_at(1_000_000).await;
         let host = Arc::new(FakeHost::default());
         let rec = Reconciler::new(ipam.clone(), host.clone(), clock.clone(), GRACE);
         let mut keep = alloc("keep", 0);
         let mut gone = alloc("gone", 0);
         for a in [&mut keep, &mut gone] {
-            *a = ipam
-                .allocate(AllocateParams {
-                    key: a.key.clone(),
-                    pod: a.pod.clone(),
-                    requested_ips: vec![],
-                    pool_hint: None,
-                })
-                .await
-                .unwrap();
+            *a = ipam.allocate(add_params(a)).await.unwrap();
         }
         host.set_links(&[&veth(&keep), "fryorphan00001"]);
         let advance = |secs: i64| clock.0.fetch_add(secs * S, Ordering::SeqCst);

@@ -13,6 +13,7 @@
 //!   runtime does (CNI_* environment, network config on stdin), and
 //!   [`Runtime`] runs a whole conflist libcni-style (chaining, prevResult,
 //!   runtimeConfig by capabilities, cached ADD result for DEL/CHECK).
+//! * [`OneNode`]: fabric, node, ipamd, runtime and a ferry conflist in one.
 //!
 //! Nothing here touches the root network namespace: no links, addresses,
 //! routes, sysctls or firewall rules are created there. Processes are only
@@ -41,6 +42,7 @@ mod cni;
 mod ipamd;
 mod netns;
 mod util;
+mod world;
 
 pub use cni::{
     Cni, CniCall, CniOutput, Runtime, conflist, ferry_netconf, ferry_plugin_conf, k8s_args,
@@ -52,6 +54,7 @@ pub use util::{
     ChildGuard, bin, bin_dir, cni_plugin_dir, is_root, random_container_id, require_root, unique,
     wait_until, workspace_root,
 };
+pub use world::OneNode;
 
 #[cfg(test)]
 mod selftest {

@@ -34,15 +34,14 @@ fn add(rt: &Runtime, list: &Value, pod: &Pod) -> Result<Ipv4Addr> {
 #[test]
 fn del_with_empty_or_vanished_netns_frees_everything() -> Result<()> {
     require_root();
-    let fabric = Fabric::new()?;
-    let node = fabric.add_node()?;
-    let ipamd = Ipamd::start(&node, IpamdConfig::default())?;
-    let rt = Runtime::new(Cni::new(&node));
-    let list = conflist(
-        "1.1.0",
-        "ferry-e2e",
-        vec![ferry_plugin_conf(ipamd.socket())],
-    );
+    // Bound fabric first so that it drops last, after ipamd and the node.
+    let OneNode {
+        fabric: _fabric,
+        node,
+        ipamd,
+        list,
+        rt,
+    } = OneNode::start(IpamdConfig::default())?;
 
     let empty = Pod::new()?;
     add(&rt, &list, &empty)?;
@@ -90,22 +89,17 @@ fn del_with_empty_or_vanished_netns_frees_everything() -> Result<()> {
 #[test]
 fn del_while_ipamd_is_down_then_reconcile_frees_the_address() -> Result<()> {
     require_root();
-    let fabric = Fabric::new()?;
-    let node = fabric.add_node()?;
-    let mut ipamd = Ipamd::start(
-        &node,
-        IpamdConfig {
-            reconcile_interval: Some(1),
-            stale_grace: Some(2),
-            ..IpamdConfig::default()
-        },
-    )?;
-    let rt = Runtime::new(Cni::new(&node));
-    let list = conflist(
-        "1.1.0",
-        "ferry-e2e",
-        vec![ferry_plugin_conf(ipamd.socket())],
-    );
+    let OneNode {
+        fabric: _fabric,
+        node,
+        mut ipamd,
+        list,
+        rt,
+    } = OneNode::start(IpamdConfig {
+        reconcile_interval: Some(1),
+        stale_grace: Some(2),
+        ..IpamdConfig::default()
+    })?;
 
     let gone = Pod::new()?;
     let kept = Pod::new()?;
@@ -163,15 +157,13 @@ fn del_while_ipamd_is_down_then_reconcile_frees_the_address() -> Result<()> {
 #[test]
 fn a_foreign_interface_survives_the_failed_add_and_the_del_after_it() -> Result<()> {
     require_root();
-    let fabric = Fabric::new()?;
-    let node = fabric.add_node()?;
-    let ipamd = Ipamd::start(&node, IpamdConfig::default())?;
-    let rt = Runtime::new(Cni::new(&node));
-    let list = conflist(
-        "1.1.0",
-        "ferry-e2e",
-        vec![ferry_plugin_conf(ipamd.socket())],
-    );
+    let OneNode {
+        fabric: _fabric,
+        node: _node,
+        ipamd,
+        list,
+        rt,
+    } = OneNode::start(IpamdConfig::default())?;
 
     let pod = Pod::new()?;
     pod.ns.ip(&[
