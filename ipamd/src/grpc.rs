@@ -789,17 +789,7 @@ mod tests {
 
         let ipam = Arc::new(
             Ipam::open(
-                IpamOptions {
-                    node: "n1".into(),
-                    pools: vec![PoolSpec::new(
-                        "default",
-                        "10.244.0.0/24".parse().unwrap(),
-                        26,
-                        vec![],
-                    )],
-                    cooldown: Duration::from_secs(30),
-                    block_idle_grace: Duration::from_secs(600),
-                },
+                IpamOptions::one_pool_for_tests(),
                 store,
                 Arc::new(LocalCluster),
             )

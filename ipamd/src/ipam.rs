@@ -70,6 +70,24 @@ pub struct Summary {
     pub blocks: usize,
 }
 
+#[cfg(test)]
+impl IpamOptions {
+    /// Node n1 with the default pool 10.244.0.0/24 in /26 blocks, for tests.
+    pub(crate) fn one_pool_for_tests() -> Self {
+        IpamOptions {
+            node: "n1".into(),
+            pools: vec![PoolSpec::new(
+                "default",
+                "10.244.0.0/24".parse().expect("a CIDR"),
+                26,
+                vec![],
+            )],
+            cooldown: Duration::from_secs(30),
+            block_idle_grace: Duration::from_secs(600),
+        }
+    }
+}
+
 pub struct Ipam {
     node: String,
     state: Mutex<Allocator>,
@@ -569,26 +587,18 @@ impl Ipam {
         let st = self.lock();
         let snap = self.store.load()?;
         let mut out = Vec::new();
+        let describe = |a: &Allocation| {
+            format!(
+                "{} {}/{}/{}",
+                a.ip, a.key.network, a.key.container_id, a.key.ifname
+            )
+        };
         let mem: BTreeSet<String> = st
             .allocations(&AllocationFilter::default())
             .iter()
-            .map(|a| {
-                format!(
-                    "{} {}/{}/{}",
-                    a.ip, a.key.network, a.key.container_id, a.key.ifname
-                )
-            })
+            .map(describe)
             .collect();
-        let disk: BTreeSet<String> = snap
-            .allocations
-            .iter()
-            .map(|a| {
-                format!(
-                    "{} {}/{}/{}",
-                    a.ip, a.key.network, a.key.container_id, a.key.ifname
-                )
-            })
-            .collect();
+        let disk: BTreeSet<String> = snap.allocations.iter().map(describe).collect();
         for d in mem.difference(&disk) {
             out.push(format!("allocation {d} is in memory but not in the store"));
         }

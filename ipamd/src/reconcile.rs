@@ -546,23 +546,12 @@ mod tests {
     async fn core_at(start_ms: i64) -> (Arc<Ipam>, Arc<TestClock>) {
         use crate::cluster::local::LocalCluster;
         use crate::ipam::IpamOptions;
-        use crate::model::PoolSpec;
         use crate::store::memory::MemoryStore;
 
         let clock = Arc::new(TestClock(std::sync::atomic::AtomicI64::new(start_ms)));
         let core_clock = clock.clone();
         let ipam = Ipam::open_with_clock(
-            IpamOptions {
-                node: "n1".into(),
-                pools: vec![PoolSpec::new(
-                    "default",
-                    "10.244.0.0/24".parse().unwrap(),
-                    26,
-                    vec![],
-                )],
-                cooldown: Duration::from_secs(30),
-                block_idle_grace: Duration::from_secs(600),
-            },
+            IpamOptions::one_pool_for_tests(),
             Arc::new(MemoryStore::new()),
             Arc::new(LocalCluster),
             Arc::new(move || core_clock.now_unix_ms()),

@@ -18,11 +18,7 @@ const PODS: usize = 20;
 fn block_cidrs(blocks: &[Value]) -> Vec<Ipv4Net> {
     blocks
         .iter()
-        .filter_map(|b| {
-            ["cidr", "block", "prefix"]
-                .iter()
-                .find_map(|k| b.get(*k)?.as_str()?.parse::<Ipv4Net>().ok())
-        })
+        .filter_map(|b| b["cidr"].as_str()?.parse::<Ipv4Net>().ok())
         .collect()
 }
 
