@@ -313,6 +313,7 @@ impl IpamRpc for IpamService {
         }
         Ok(Response::new(pb::ReleaseResponse {
             released: allocations_to_pb(&released),
+            unplug_queued: false,
         }))
     }
 
@@ -598,6 +599,15 @@ impl IpamAdmin for AdminService {
             .await
             .map_err(|e| ipam_status(&e))?;
         Ok(Response::new(pb::RemovePoolResponse {}))
+    }
+
+    async fn collect_garbage(
+        &self,
+        request: Request<pb::CollectGarbageRequest>,
+    ) -> Result<Response<pb::CollectGarbageResponse>, Status> {
+        let req = request.into_inner();
+        check_version(&req.client_version)?;
+        Err(Status::unimplemented("CollectGarbage is not implemented yet"))
     }
 }
 

@@ -116,6 +116,7 @@ fn release_request(k: &AllocationKey) -> ReleaseRequest {
     ReleaseRequest {
         client_version: ferry_proto::CLIENT_VERSION.into(),
         key: Some(k.clone()),
+        host_link: None,
     }
 }
 

@@ -181,6 +181,7 @@ impl IpamClient for GrpcIpam {
         let req = pb::ReleaseRequest {
             client_version: ferry_proto::CLIENT_VERSION.to_string(),
             key: Some(pb_key(key)),
+            host_link: None,
         };
         self.call(|mut c| async move { c.release(req).await })?;
         Ok(())
