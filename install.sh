@@ -344,7 +344,8 @@ write_conflist() {
   "name": "ferry",
   "plugins": [
     {"type": "ferry", "ipamd": {"socket": $(json_str "$SOCKET"), "timeoutMs": 5000},
-     "mtu": 0, "logFile": $(json_str "$LOG_DIR/cni.log"), "logLevel": "info"}$portmap_entry
+     "mtu": 0, "logFile": $(json_str "$LOG_DIR/cni.log"), "logLevel": "info",
+     "capabilities": {"ips": true, "io.kubernetes.cri.pod-annotations": true}}$portmap_entry
   ]
 }
 EOF

@@ -3,7 +3,7 @@
 //! [`Config`]. Errors name the offending key so an operator can fix it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -25,6 +25,9 @@ pub const DEFAULT_RECONCILE_INTERVAL_SECS: u64 = 60;
 pub const DEFAULT_STALE_GRACE_SECS: u64 = 300;
 pub const DEFAULT_BLOCK_IDLE_GRACE_SECS: u64 = 600;
 pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// Loopback only: metrics are for a node-local scraper unless the operator
+/// says otherwise.
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9641";
 
 /// The ipamd command line. Every flag is optional here so that a flag the
 /// operator did not give can fall back to the file, then to the default.
@@ -67,6 +70,10 @@ pub struct Cli {
     /// tracing level or filter directive [default: info].
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
+    /// Address for the Prometheus endpoint GET /metrics; "" disables it
+    /// [default: 127.0.0.1:9641].
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_addr: Option<String>,
 }
 
 /// The TOML file. Unknown keys are rejected so that a typo is not silently
@@ -85,6 +92,7 @@ pub struct FileConfig {
     pub block_idle_grace: Option<u64>,
     pub mtu: Option<u32>,
     pub log_level: Option<String>,
+    pub metrics_addr: Option<String>,
     #[serde(default)]
     pub pools: Vec<FilePool>,
 }
@@ -123,6 +131,8 @@ pub struct Config {
     /// None = detect from the underlay.
     pub mtu: Option<u32>,
     pub log_level: String,
+    /// Where GET /metrics is served; None = disabled.
+    pub metrics_addr: Option<SocketAddr>,
     /// Every pool, the default one (from pod_cidr) first.
     pub pools: Vec<PoolSpec>,
 }
@@ -267,6 +277,12 @@ impl Config {
             ));
         }
 
+        let metrics_addr = parse_metrics_addr(
+            &cli.metrics_addr
+                .or(file.metrics_addr)
+                .unwrap_or_else(|| DEFAULT_METRICS_ADDR.to_string()),
+        )?;
+
         let default_pool = PoolSpec::new(DEFAULT_POOL, pod_cidr, block_size, Vec::new());
         let mut pools = vec![default_pool];
         for (i, p) in file.pools.iter().enumerate() {
@@ -286,6 +302,7 @@ impl Config {
             block_idle_grace,
             mtu,
             log_level,
+            metrics_addr,
             pools,
         })
     }
@@ -335,6 +352,27 @@ fn hostname() -> Option<String> {
     let name = nix::unistd::gethostname().ok()?;
     let name = name.into_string().ok()?;
     (!name.is_empty()).then_some(name)
+}
+
+/// `IP:PORT` (`[v6]:PORT` for IPv6); empty means metrics are off.
+pub fn parse_metrics_addr(text: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let addr: SocketAddr = text.parse().map_err(|_| {
+        invalid(
+            "metrics_addr",
+            format!("{text:?} is not IP:PORT (like {DEFAULT_METRICS_ADDR}); \"\" disables metrics"),
+        )
+    })?;
+    if addr.port() == 0 {
+        return Err(invalid(
+            "metrics_addr",
+            format!("{text:?}: port 0 would pick a random port no scraper can find"),
+        ));
+    }
+    Ok(Some(addr))
 }
 
 /// A CIDR whose host bits are zero; naming the fix when they are not.
@@ -393,6 +431,7 @@ fn file_pool(i: usize, p: &FilePool, default_block: u8) -> Result<PoolSpec, Conf
         snat_address,
         isolated: p.isolated,
         allow_from: p.allow_from.iter().map(|n| n.trim().to_string()).collect(),
+        runtime: false,
     })
 }
 
@@ -505,6 +544,8 @@ mod tests {
         assert_eq!(c.block_idle_grace, Duration::from_secs(600));
         assert_eq!(c.mtu, None);
         assert_eq!(c.log_level, "info");
+        assert_eq!(c.metrics_addr, Some("127.0.0.1:9641".parse().unwrap()));
+        assert!(c.metrics_addr.unwrap().ip().is_loopback());
         assert_eq!(c.pools.len(), 1);
         assert_eq!(c.pools[0].name, "default");
         assert!(c.pools[0].is_default());
@@ -690,6 +731,59 @@ mod tests {
             "warn,ipamd=warn,ferry_proto=warn,ipamctl=warn"
         );
         assert_eq!(with("sled=debug,ipamd=trace"), "sled=debug,ipamd=trace");
+    }
+
+    #[test]
+    fn metrics_addr_flag_file_empty_and_errors() {
+        let with = |args: &[&str], toml: &str| {
+            let mut argv = vec!["ipamd"];
+            argv.extend_from_slice(args);
+            Config::merge(Cli::try_parse_from(argv).unwrap(), parse(toml), node)
+        };
+        let addr = |s: &str| Some(s.parse::<SocketAddr>().unwrap());
+        assert_eq!(
+            with(&[], "metrics_addr = \"0.0.0.0:9100\"")
+                .unwrap()
+                .metrics_addr,
+            addr("0.0.0.0:9100")
+        );
+        assert_eq!(
+            with(
+                &["--metrics-addr", "127.0.0.1:9200"],
+                "metrics_addr = \"0.0.0.0:9100\""
+            )
+            .unwrap()
+            .metrics_addr,
+            addr("127.0.0.1:9200")
+        );
+        assert_eq!(
+            with(&["--metrics-addr", "[::1]:9641"], "")
+                .unwrap()
+                .metrics_addr,
+            addr("[::1]:9641")
+        );
+        // Empty disables, from either source; the flag's "" beats the file.
+        assert_eq!(
+            with(&["--metrics-addr", ""], "").unwrap().metrics_addr,
+            None
+        );
+        assert_eq!(with(&[], "metrics_addr = \"\"").unwrap().metrics_addr, None);
+        assert_eq!(
+            with(&["--metrics-addr", ""], "metrics_addr = \"127.0.0.1:1\"")
+                .unwrap()
+                .metrics_addr,
+            None
+        );
+        for bad in [
+            "9641",
+            "localhost:9641",
+            "127.0.0.1",
+            "127.0.0.1:0",
+            "1.2.3.4:99999",
+        ] {
+            let msg = err_text(with(&["--metrics-addr", bad], ""));
+            assert!(msg.contains("metrics_addr"), "{bad}: {msg}");
+        }
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::model::{
     AddressState, AllocKey, AllocateParams, Allocation, AllocationFilter, BlockUsage, Finding,
     PodMeta, PoolSpec, PoolUsage, Readiness,
 };
-use crate::node::Blackholes;
+use crate::node::{Blackholes, HostLink, Unplugger};
 use crate::reconcile::{ReconcileError, Reconciler};
 
 /// The one place an [`IpamError`] becomes a gRPC status. The plugin picks
@@ -58,6 +58,25 @@ pub fn check_version(client_version: &str) -> Result<(), Status> {
 
 fn invalid(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg.into())
+}
+
+/// The host veth the plugin asks ipamd to delete: it must be the one this
+/// key's pod hangs off, so a confused client cannot unplug anything else.
+fn parse_host_link(link: pb::HostLink, key: &AllocKey) -> Result<HostLink, Status> {
+    let expected = crate::reconcile::expected_veth(key);
+    if link.name != expected {
+        return Err(invalid(format!(
+            "host_link {:?} is not the host veth of this key (expected {expected:?})",
+            link.name
+        )));
+    }
+    if link.ifindex == 0 {
+        return Err(invalid("host_link.ifindex is 0"));
+    }
+    Ok(HostLink {
+        name: link.name,
+        index: link.ifindex,
+    })
 }
 
 fn parse_key(key: Option<pb::AllocationKey>, field: &str) -> Result<AllocKey, Status> {
@@ -211,15 +230,19 @@ fn pool_from_pb(p: Option<pb::Pool>) -> Result<PoolSpec, Status> {
                 .map_err(|_| invalid(format!("pool.snat_address {s:?} is not an IPv4 address")))?,
         ),
     };
+    // Trimmed like the config file's; empty names are refused later.
+    let trimmed =
+        |v: Vec<String>| -> Vec<String> { v.into_iter().map(|s| s.trim().to_string()).collect() };
     Ok(PoolSpec {
         name,
         cidr,
         block_size,
-        namespaces: p.namespaces,
+        namespaces: trimmed(p.namespaces),
         nat_outgoing: p.nat_outgoing,
         snat_address,
         isolated: p.isolated,
-        allow_from: p.allow_from,
+        allow_from: trimmed(p.allow_from),
+        runtime: true,
     })
 }
 
@@ -239,9 +262,16 @@ pub struct IpamService {
     blackholes: Option<Arc<Blackholes>>,
     state_dir: String,
     started_unix_ms: i64,
+    unplugger: Option<Unplugger>,
 }
 
 impl IpamService {
+    /// Release then deletes the host veth the plugin names, in the background.
+    pub fn with_unplugger(mut self, unplugger: Unplugger) -> Self {
+        self.unplugger = Some(unplugger);
+        self
+    }
+
     pub fn new(
         ipam: Arc<Ipam>,
         mtu: u32,
@@ -255,6 +285,7 @@ impl IpamService {
             blackholes,
             state_dir,
             started_unix_ms,
+            unplugger: None,
         }
     }
 }
@@ -280,7 +311,7 @@ impl IpamRpc for IpamService {
             requested_ips,
             pool_hint: non_empty(req.pool_hint),
         };
-        let a = self.ipam.allocate(params).await.map_err(|e| {
+        let (a, created) = self.ipam.allocate_or_get(params).await.map_err(|e| {
             tracing::warn!(error = %e, "allocate failed");
             ipam_status(&e)
         })?;
@@ -296,6 +327,7 @@ impl IpamRpc for IpamService {
             gateway: ferry_proto::POD_GATEWAY.to_string(),
             mtu: self.mtu,
             pool: a.pool,
+            created,
         }))
     }
 
@@ -306,14 +338,34 @@ impl IpamRpc for IpamService {
         let req = request.into_inner();
         check_version(&req.client_version)?;
         let key = parse_key(req.key, "key")?;
+        let host_link = req
+            .host_link
+            .map(|l| parse_host_link(l, &key))
+            .transpose()?;
         // The core logs the release.
-        let released = self.ipam.release(&key).await.map_err(|e| ipam_status(&e))?;
+        let mut released = self.ipam.release(&key).await.map_err(|e| ipam_status(&e))?;
+        if released.is_none()
+            && let Some(link) = &host_link
+        {
+            // After a database rebuild the address is held under its veth.
+            released = self
+                .ipam
+                .release(&AllocKey::adopted(&link.name))
+                .await
+                .map_err(|e| ipam_status(&e))?;
+        }
         if released.is_none() {
             tracing::debug!(container = %key.container_id, "release of unknown key");
         }
+        // Only after the release is durable: a crash before this point
+        // leaves the pod wired to an address it still holds.
+        let unplug_queued = match (host_link, &self.unplugger) {
+            (Some(link), Some(unplugger)) => unplugger.queue(link),
+            _ => false,
+        };
         Ok(Response::new(pb::ReleaseResponse {
             released: allocations_to_pb(&released),
-            unplug_queued: false,
+            unplug_queued,
         }))
     }
 
@@ -607,7 +659,14 @@ impl IpamAdmin for AdminService {
     ) -> Result<Response<pb::CollectGarbageResponse>, Status> {
         let req = request.into_inner();
         check_version(&req.client_version)?;
-        Err(Status::unimplemented("CollectGarbage is not implemented yet"))
+        let actions = self
+            .reconciler
+            .collect_garbage(req.dry_run)
+            .await
+            .map_err(|e| reconcile_status(&e))?;
+        Ok(Response::new(pb::CollectGarbageResponse {
+            actions: actions.iter().map(finding_to_pb).collect(),
+        }))
     }
 }
 
@@ -815,7 +874,8 @@ mod tests {
             Duration::from_secs(300),
         ));
         (
-            IpamService::new(ipam.clone(), 1480, Some(bh), "/state".into(), 1),
+            IpamService::new(ipam.clone(), 1480, Some(bh), "/state".into(), 1)
+                .with_unplugger(Unplugger::start(host.clone())),
             AdminService::new(ipam, rec),
             host,
         )
@@ -831,6 +891,101 @@ mod tests {
 
     fn target(t: pb::target::Target) -> Option<pb::Target> {
         Some(pb::Target { target: Some(t) })
+    }
+
+    #[tokio::test]
+    async fn release_hands_the_pods_own_veth_to_the_unplugger() {
+        let (svc, admin, host) = services().await;
+        let v = ferry_proto::CLIENT_VERSION.to_string();
+        let veth = ferry_proto::host_veth_name("aaaa1", "eth0");
+        host.set_links(&[&veth, "fryneighbour0"]);
+        svc.allocate(Request::new(pb::AllocateRequest {
+            client_version: v.clone(),
+            key: key("aaaa1"),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+        let release = |name: &str, ifindex: u32| pb::ReleaseRequest {
+            client_version: v.clone(),
+            key: key("aaaa1"),
+            host_link: Some(pb::HostLink {
+                name: name.to_string(),
+                ifindex,
+            }),
+        };
+        // Another pod's veth, or no index: refused, and nothing released.
+        for bad in [release("fryneighbour0", 101), release(&veth, 0)] {
+            let err = svc.release(Request::new(bad)).await.unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+        }
+        let resp = svc
+            .release(Request::new(release(&veth, 100)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(resp.released.len(), 1);
+        assert!(resp.unplug_queued);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while host.names() != ["fryneighbour0"] {
+            assert!(std::time::Instant::now() < deadline, "{:?}", host.names());
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        // Nothing leaked and no orphan: gc has nothing to do.
+        let gc = admin
+            .collect_garbage(Request::new(pb::CollectGarbageRequest {
+                client_version: v.clone(),
+                dry_run: false,
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let kinds: Vec<&str> = gc.actions.iter().map(|a| a.kind.as_str()).collect();
+        assert_eq!(
+            kinds,
+            ["orphan-veth"],
+            "only the neighbour has no allocation"
+        );
+    }
+
+    #[tokio::test]
+    async fn collect_garbage_dry_run_changes_nothing_then_acts() {
+        let (svc, admin, host) = services().await;
+        let v = ferry_proto::CLIENT_VERSION.to_string();
+        let mut req = pb::AllocateRequest {
+            client_version: v.clone(),
+            key: key("leaked1"),
+            ..Default::default()
+        };
+        // A netns path that does not exist: the pod is gone.
+        req.pod = Some(pb::PodMeta {
+            netns: "/nonexistent/ferry-test-netns".into(),
+            ..Default::default()
+        });
+        svc.allocate(Request::new(req)).await.unwrap();
+        host.set_links(&["fryorphan0001"]);
+        let gc = |dry_run| {
+            admin.collect_garbage(Request::new(pb::CollectGarbageRequest {
+                client_version: v.clone(),
+                dry_run,
+            }))
+        };
+        let plan = gc(true).await.unwrap().into_inner().actions;
+        assert_eq!(plan.len(), 2, "{plan:?}");
+        assert!(
+            plan.iter().all(|a| a.detail.starts_with("would ")),
+            "{plan:?}"
+        );
+        assert_eq!(host.names(), ["fryorphan0001"]);
+        let done = gc(false).await.unwrap().into_inner().actions;
+        let details: Vec<&str> = done.iter().map(|a| a.detail.as_str()).collect();
+        assert!(details[0].starts_with("released "), "{details:?}");
+        assert!(
+            details[1].starts_with("deleted host veth fryorphan0001"),
+            "{details:?}"
+        );
+        assert!(host.names().is_empty());
+        assert!(gc(false).await.unwrap().into_inner().actions.is_empty());
     }
 
     #[tokio::test]

@@ -198,6 +198,15 @@ impl Ipam {
 
     /// Idempotent on `params.key`; durable before it returns.
     pub async fn allocate(&self, params: AllocateParams) -> Result<Allocation, IpamError> {
+        Ok(self.allocate_or_get(params).await?.0)
+    }
+
+    /// [`Ipam::allocate`], also telling whether this call created the
+    /// allocation (false: the key already held it, a retried ADD).
+    pub async fn allocate_or_get(
+        &self,
+        params: AllocateParams,
+    ) -> Result<(Allocation, bool), IpamError> {
         for _ in 0..MAX_ROUNDS {
             let step = {
                 let now = self.now();
@@ -229,7 +238,7 @@ impl Ipam {
                             pod = %format_args!("{}/{}", a.pod.namespace, a.pod.name),
                             "allocated");
                     }
-                    return Ok(a);
+                    return Ok((a, new));
                 }
                 Step::Claim(pool, requested) => self.claim_block_for(&pool, requested).await?,
             }
@@ -417,9 +426,9 @@ impl Ipam {
     }
 
     /// NotAvailable while the store cannot promise durability (after a
-    /// failed fdatasync: ipamd must restart); otherwise Ready while at least
-    /// one pool can still hand out an address (from an owned block or a
-    /// block nobody owns); NoAddresses when none can.
+    /// failed fdatasync: ipamd must restart); otherwise Ready while the
+    /// default pool can still hand out an address (from an owned block or a
+    /// block nobody owns); NoAddresses when it cannot.
     pub fn readiness(&self) -> (Readiness, String) {
         let now = self.now();
         let st = self.lock();
@@ -434,8 +443,19 @@ impl Ipam {
             );
         }
         let names: Vec<String> = st.pool_specs().map(|p| p.name.clone()).collect();
+        // The default pool serves every namespace without a pool of its
+        // own, so a full default pool fails most ADDs: not ready.
+        if let Some(d) = st.pool_specs().find(|p| p.is_default())
+            && !st.can_allocate(&d.name, now)
+        {
+            return (
+                Readiness::NoAddresses,
+                st.exhausted_error(&d.name, now).to_string(),
+            );
+        }
         if names.iter().any(|n| st.can_allocate(n, now)) {
-            return (Readiness::Ready, String::new());
+            // Ready, but a rebuilt database is reported until restart.
+            return (Readiness::Ready, self.store.notice().unwrap_or_default());
         }
         if names.is_empty() {
             return (Readiness::NoAddresses, "no pools are configured".into());

@@ -17,9 +17,10 @@ use ipamd::cluster::local::LocalCluster;
 use ipamd::config::{Cli, Config};
 use ipamd::grpc::{AdminService, IpamService};
 use ipamd::ipam::Ipam;
+use ipamd::metrics::{self, Metrics};
 use ipamd::node::{self, Blackholes, NodeNet};
 use ipamd::reconcile::{Reconciler, SystemClock, unix_ms};
-use ipamd::store::sled::SledStore;
+use ipamd::recover;
 use nix::sys::stat::{Mode, umask};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
@@ -70,9 +71,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
     );
     // Before touching state: a second ipamd must not steal a live socket.
     clear_stale_socket(&config.socket)?;
+    // Bound before any state is touched: a taken address stops the start
+    // here, naming it, instead of ipamd running without metrics.
+    let metrics = Metrics::new();
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
 
-    let store = SledStore::open(&config.state_dir)
-        .with_context(|| format!("opening state in {}", config.state_dir.display()))?;
+    // A damaged database is moved aside and rebuilt from the host veths.
+    let (store, _rebuild) =
+        recover::open_store(&config.state_dir, &config.ipam_options(), &LocalCluster)
+            .await
+            .with_context(|| format!("opening state in {}", config.state_dir.display()))?;
     let ipam = Arc::new(
         Ipam::open(
             config.ipam_options(),
@@ -105,9 +116,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .context("installing blackhole routes for owned blocks")?;
 
+    let host_links: Arc<dyn node::HostLinks> = Arc::new(net);
     let reconciler = Arc::new(Reconciler::new(
         ipam.clone(),
-        Arc::new(net),
+        host_links.clone(),
         Arc::new(SystemClock),
         config.stale_grace,
     ));
@@ -128,9 +140,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
         reconciler.clone(),
         blackholes.clone(),
         ipam.clone(),
+        metrics.clone(),
         config.reconcile_interval,
         stop_rx.clone(),
     ));
+    if let (Some(listener), Some(addr)) = (metrics_listener, config.metrics_addr) {
+        info!(%addr, "serving metrics on GET /metrics");
+        tasks.spawn(metrics::serve(
+            listener,
+            metrics.clone(),
+            ipam.clone(),
+            stop_rx.clone(),
+        ));
+    }
     tasks.spawn(idle_block_loop(
         ipam.clone(),
         blackholes.clone(),
@@ -144,7 +166,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Some(blackholes.clone()),
         config.state_dir.display().to_string(),
         started_unix_ms,
-    );
+    )
+    .with_unplugger(node::Unplugger::start(host_links));
     let admin_service = AdminService::new(ipam.clone(), reconciler.clone());
 
     let (signaled_tx, mut signaled_rx) = watch::channel(false);
@@ -171,9 +194,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     info!(socket = %config.socket.display(), "serving");
     let server = Server::builder()
-        .add_service(health_service)
-        .add_service(IpamServer::new(ipam_service))
-        .add_service(IpamAdminServer::new(admin_service))
+        .add_service(metrics.grpc(health_service))
+        .add_service(metrics.grpc(IpamServer::new(ipam_service)))
+        .add_service(metrics.grpc(IpamAdminServer::new(admin_service)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown);
     let drain_deadline = async move {
         let _ = signaled_rx.wait_for(|s| *s).await;
@@ -267,6 +290,7 @@ async fn reconcile_loop(
     reconciler: Arc<Reconciler>,
     blackholes: Arc<Blackholes>,
     ipam: Arc<Ipam>,
+    metrics: Metrics,
     every: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -279,10 +303,17 @@ async fn reconcile_loop(
             _ = stop.wait_for(|s| *s) => return,
         }
         match reconciler.run_once().await {
-            Ok(released) if !released.is_empty() => {
-                info!(count = released.len(), "reconcile released stale addresses")
+            Ok(outcome) => {
+                metrics.record_findings(&outcome.findings);
+                metrics.record_reconcile_released(outcome.released.len());
+                if !outcome.released.is_empty() || !outcome.unplugged.is_empty() {
+                    info!(
+                        released = outcome.released.len(),
+                        deleted_veths = outcome.unplugged.len(),
+                        "reconcile cleaned up after pods gone without DEL"
+                    );
+                }
             }
-            Ok(_) => {}
             Err(e) => warn!(error = %e, "reconcile failed"),
         }
         // Repairs routes someone else removed, and retries failed adds.

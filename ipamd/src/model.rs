@@ -16,6 +16,30 @@ pub struct AllocKey {
     pub ifname: String,
 }
 
+/// Container IDs of allocations adopted from a live host veth when the
+/// database was rebuilt: `adopted:<host veth name>`, network and ifname empty.
+pub const ADOPTED_PREFIX: &str = "adopted:";
+
+impl AllocKey {
+    /// The key of an address adopted from host veth `link` (see [`ADOPTED_PREFIX`]).
+    pub fn adopted(link: &str) -> AllocKey {
+        AllocKey {
+            network: String::new(),
+            container_id: format!("{ADOPTED_PREFIX}{link}"),
+            ifname: String::new(),
+        }
+    }
+
+    /// The host veth of this attachment: named in the key for adopted
+    /// addresses (the plugin's key is unknown), derived from it otherwise.
+    pub fn host_veth(&self) -> String {
+        match self.container_id.strip_prefix(ADOPTED_PREFIX) {
+            Some(link) if self.network.is_empty() && self.ifname.is_empty() => link.to_string(),
+            _ => ferry_proto::host_veth_name(&self.container_id, &self.ifname),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodMeta {
     pub namespace: String,
@@ -49,6 +73,10 @@ pub struct PoolSpec {
     pub isolated: bool,
     #[serde(default)]
     pub allow_from: Vec<String>,
+    /// Added with `ipamctl pool add` rather than by the configuration: kept
+    /// across restarts until `ipamctl pool rm`, whether or not it is in use.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub runtime: bool,
 }
 
 impl PoolSpec {
@@ -63,6 +91,7 @@ impl PoolSpec {
             snat_address: None,
             isolated: false,
             allow_from: Vec::new(),
+            runtime: false,
         }
     }
 
@@ -171,21 +200,38 @@ pub struct Finding {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FindingKind {
-    /// An allocation whose host veth does not exist.
+    /// An allocation whose host veth and pod netns are both gone: the pod
+    /// is gone without a DEL. Released after two looks a grace apart.
+    LeakedAllocation,
+    /// An allocation whose host veth is gone while its pod netns still
+    /// exists: kept, since the pod may still be there (or ipamd looks at
+    /// the wrong netns).
     MissingVeth,
-    /// A host veth of ours with no allocation behind it.
+    /// A host veth of ours with no allocation behind it. Deleted after two
+    /// looks a grace apart.
     OrphanVeth,
-    /// Releases held back: not one `fry*` veth is visible, which is what
-    /// ipamd in the wrong network namespace sees, too.
-    ReleasesHeld,
+    /// One address held by two allocations.
+    DuplicateAddress,
+    /// An allocation outside every block this node owns.
+    ForeignBlock,
 }
 
 impl FindingKind {
+    pub const ALL: [FindingKind; 5] = [
+        FindingKind::LeakedAllocation,
+        FindingKind::MissingVeth,
+        FindingKind::OrphanVeth,
+        FindingKind::DuplicateAddress,
+        FindingKind::ForeignBlock,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
+            FindingKind::LeakedAllocation => "leaked-allocation",
             FindingKind::MissingVeth => "missing-veth",
             FindingKind::OrphanVeth => "orphan-veth",
-            FindingKind::ReleasesHeld => "releases-held",
+            FindingKind::DuplicateAddress => "duplicate-address",
+            FindingKind::ForeignBlock => "foreign-block",
         }
     }
 }

@@ -1,23 +1,32 @@
-//! Reconcile: compare IPAM allocations with the host veths that should carry
-//! them. An allocation idle for `stale_grace` (since it was created and since
-//! the last Allocate or Check on its key) whose veth is gone is released only
-//! after two looks at least `stale_grace` apart with no activity on the key
-//! since the first, so a slow or retried ADD or a passing glitch never costs
-//! a pod its address. The release itself is conditional in the core
-//! ([`Ipam::release_if_idle`]): a retried ADD that got the address back in
-//! the meantime wins. Veths named `fry*` with no allocation are reported,
-//! never deleted: the plugin owns the dataplane.
+//! Reconcile: compare IPAM allocations with the host veths that carry them
+//! and the pods' network namespaces.
+//!
+//! - An allocation whose host veth AND pod netns are both gone is a pod gone
+//!   without a DEL (a reboot, a crash). It is released after two looks at
+//!   least `stale_grace` apart with no Allocate or Check on its key since the
+//!   first, so a slow or retried ADD never costs a pod its address. The
+//!   release is conditional in the core ([`Ipam::release_if_idle`]): a
+//!   retried ADD that got the address back in the meantime wins.
+//! - An allocation whose veth is gone but whose netns still exists is
+//!   reported and kept: the pod may be alive (or ipamd runs in the wrong
+//!   netns, where it sees no veth of ours at all).
+//! - A `fry*` veth with no allocation (a DEL whose background delete was
+//!   lost to a crash) is deleted after two looks a grace apart, by ifindex.
+//! - Duplicate addresses and allocations outside this node's blocks are
+//!   reported; they need an operator.
 
 use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use ipnet::Ipv4Net;
 use tokio::sync::Mutex;
 
 use crate::error::IpamError;
 use crate::ipam::Ipam;
 use crate::model::{AllocKey, Allocation, Finding, FindingKind};
-use crate::node::{HostLinks, NodeError};
+use crate::node::{HostLink, HostLinks, NodeError};
 
 pub trait Clock: Send + Sync {
     fn now_unix_ms(&self) -> i64;
@@ -45,13 +54,32 @@ pub enum ReconcileError {
     Ipam(#[from] IpamError),
 }
 
-/// When each suspect allocation was first seen without its veth. Kept in
-/// memory only: after a restart the two looks start over, which errs on
-/// the side of keeping addresses.
+/// The host veth an allocation's pod hangs off.
+pub fn expected_veth(key: &AllocKey) -> String {
+    key.host_veth()
+}
+
+/// What one look saw.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub allocations: Vec<Allocation>,
+    /// The last Allocate or Check per key.
+    pub activity: HashMap<AllocKey, i64>,
+    pub links: Vec<HostLink>,
+    /// The allocations' netns paths that exist.
+    pub live_netns: HashSet<String>,
+    pub owned_blocks: Vec<Ipv4Net>,
+    pub now_ms: i64,
+}
+
+/// When each suspect was first seen. Kept in memory only: after a restart
+/// the two looks start over, which errs on the side of keeping things.
 #[derive(Debug, Default)]
 pub struct Observations {
-    /// Key -> (allocation's created_unix_ms, first look that found it missing).
+    /// Key -> (allocation's created_unix_ms, first look that found it leaked).
     first_missing: HashMap<AllocKey, (i64, i64)>,
+    /// Orphan veth -> first look that found it.
+    first_orphan: HashMap<HostLink, i64>,
     /// Findings logged at the previous pass: repeating them every interval
     /// at warn level would bury everything else.
     logged: HashSet<String>,
@@ -61,35 +89,45 @@ pub struct Observations {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Decision {
     pub findings: Vec<Finding>,
-    /// Allocations missing their veth at this look and at an earlier look at
-    /// least `grace` ago.
+    /// Leaked at this look and at an earlier look at least `grace` ago.
     pub release: Vec<Allocation>,
+    /// Orphan veths seen at this look and at one at least `grace` ago.
+    pub unplug: Vec<HostLink>,
 }
 
-/// The pure core of reconcile: one look at `allocations` (with `activity`,
-/// the last Allocate or Check per key) and the `fry*` links present, at `now`.
-pub fn decide(
-    obs: &mut Observations,
-    activity: &HashMap<AllocKey, i64>,
-    allocations: &[Allocation],
-    links: &HashSet<String>,
-    now_ms: i64,
-    grace: Duration,
-) -> Decision {
+/// The pure core of reconcile: one look at `snap`, at `snap.now_ms`.
+pub fn decide(obs: &mut Observations, snap: &Snapshot, grace: Duration) -> Decision {
     let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+    let now_ms = snap.now_ms;
+    let names: HashSet<&str> = snap.links.iter().map(|l| l.name.as_str()).collect();
     let mut decision = Decision::default();
     let mut expected = HashSet::new();
     let mut still_missing = HashSet::new();
 
-    for a in allocations {
-        let veth = ferry_proto::host_veth_name(&a.key.container_id, &a.key.ifname);
-        let present = links.contains(&veth);
+    for a in &snap.allocations {
+        let veth = expected_veth(&a.key);
+        let present = names.contains(veth.as_str());
         expected.insert(veth.clone());
-        let touched = activity.get(&a.key).copied();
+        let touched = snap.activity.get(&a.key).copied();
         let last_active = touched.map_or(a.created_unix_ms, |t| t.max(a.created_unix_ms));
         // Young or recently retried allocations may be mid-ADD, veth not
         // created yet.
         if present || now_ms.saturating_sub(last_active) < grace_ms {
+            continue;
+        }
+        let who = format!(
+            "{}/{} ({})",
+            a.pod.namespace, a.pod.name, a.key.container_id
+        );
+        if !a.pod.netns.is_empty() && snap.live_netns.contains(&a.pod.netns) {
+            decision.findings.push(Finding {
+                kind: FindingKind::MissingVeth,
+                detail: format!(
+                    "host veth {veth} of {who} missing but its netns {} exists; {} kept",
+                    a.pod.netns, a.ip
+                ),
+                allocation: Some(a.clone()),
+            });
             continue;
         }
         still_missing.insert(a.key.clone());
@@ -106,23 +144,18 @@ pub fn decide(
         let missing_for = now_ms.saturating_sub(first);
         // Strictly an earlier look: with grace 0 one look is still not enough.
         let release = first < now_ms && missing_for >= grace_ms;
+        let gone = format!("host veth {veth} and netns '{}' of {who} gone", a.pod.netns);
         let detail = if release {
-            format!(
-                "host veth {veth} of {}/{} ({}) missing since {} ms ago; releasing {}",
-                a.pod.namespace, a.pod.name, a.key.container_id, missing_for, a.ip
-            )
+            format!("{gone} since {missing_for} ms ago; releasing {}", a.ip)
         } else {
             format!(
-                "host veth {veth} of {}/{} ({}) missing; {} is released if still missing {} s after the first look",
-                a.pod.namespace,
-                a.pod.name,
-                a.key.container_id,
+                "{gone}; {} is released if still so {} s after the first look",
                 a.ip,
                 grace.as_secs()
             )
         };
         decision.findings.push(Finding {
-            kind: FindingKind::MissingVeth,
+            kind: FindingKind::LeakedAllocation,
             detail,
             allocation: Some(a.clone()),
         });
@@ -133,39 +166,82 @@ pub fn decide(
     // Forget keys that are gone or whose veth came back.
     obs.first_missing.retain(|k, _| still_missing.contains(k));
 
-    // An ipamd started outside the node's netns sees no veth at all and would
-    // free every live pod's address. Without one visible veth of ours there is
-    // no telling that apart from a node whose pods are all gone, so wait: the
-    // first pod networked here lifts the hold.
-    let any_ours = links
+    let mut orphans: Vec<&HostLink> = snap
+        .links
         .iter()
-        .any(|l| l.starts_with(ferry_proto::HOST_VETH_PREFIX));
-    if !any_ours && !decision.release.is_empty() {
-        decision.findings.push(Finding {
-            kind: FindingKind::ReleasesHeld,
-            detail: format!(
-                "{} stale allocation(s) kept: no fry* veth is visible at all; \
-                 is ipamd running in the node's network namespace?",
-                decision.release.len()
-            ),
-            allocation: None,
-        });
-        decision.release.clear();
-    }
-
-    let mut orphans: Vec<&String> = links
-        .iter()
-        .filter(|l| l.starts_with(ferry_proto::HOST_VETH_PREFIX) && !expected.contains(*l))
+        .filter(|l| !expected.contains(&l.name))
         .collect();
     orphans.sort();
+    obs.first_orphan.retain(|l, _| orphans.contains(&l));
     for link in orphans {
+        let first = *obs.first_orphan.entry(link.clone()).or_insert(now_ms);
+        let unplug = first < now_ms && now_ms.saturating_sub(first) >= grace_ms;
+        let detail = if unplug {
+            format!("host veth {} has no allocation; deleting it", link.name)
+        } else {
+            format!(
+                "host veth {} has no allocation; deleted if still so {} s after the first look",
+                link.name,
+                grace.as_secs()
+            )
+        };
         decision.findings.push(Finding {
             kind: FindingKind::OrphanVeth,
-            detail: format!("host veth {link} has no allocation (left alone)"),
+            detail,
             allocation: None,
         });
+        if unplug {
+            decision.unplug.push(link.clone());
+        }
     }
+    decision.findings.extend(address_findings(snap));
     decision
+}
+
+/// Duplicate addresses and allocations outside the node's blocks: the
+/// core's invariants, checked against what it actually holds.
+fn address_findings(snap: &Snapshot) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    let mut by_ip: HashMap<Ipv4Addr, Vec<&Allocation>> = HashMap::new();
+    for a in &snap.allocations {
+        by_ip.entry(a.ip).or_default().push(a);
+        if !snap.owned_blocks.iter().any(|b| b.contains(&a.ip)) {
+            findings.push(Finding {
+                kind: FindingKind::ForeignBlock,
+                detail: format!(
+                    "{} of {} is in no block this node owns (recorded block {})",
+                    a.ip, a.key.container_id, a.block
+                ),
+                allocation: Some(a.clone()),
+            });
+        }
+    }
+    let mut dups: Vec<_> = by_ip.into_iter().filter(|(_, v)| v.len() > 1).collect();
+    dups.sort_by_key(|(ip, _)| *ip);
+    for (ip, holders) in dups {
+        let who: Vec<&str> = holders
+            .iter()
+            .map(|a| a.key.container_id.as_str())
+            .collect();
+        findings.push(Finding {
+            kind: FindingKind::DuplicateAddress,
+            detail: format!(
+                "{ip} is held by {} allocations: {}",
+                who.len(),
+                who.join(", ")
+            ),
+            allocation: Some(holders[0].clone()),
+        });
+    }
+    findings
+}
+
+/// What a pass did.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub findings: Vec<Finding>,
+    pub released: Vec<Allocation>,
+    pub unplugged: Vec<HostLink>,
 }
 
 pub struct Reconciler {
@@ -192,31 +268,39 @@ impl Reconciler {
         }
     }
 
-    async fn observe(&self, obs: &mut Observations) -> Result<Decision, ReconcileError> {
-        let links: HashSet<String> = self.links.fry_links().await?.into_iter().collect();
+    async fn snapshot(&self) -> Result<Snapshot, ReconcileError> {
+        let links = self.links.fry_links().await?;
         let (allocations, activity) = self.ipam.allocations_with_activity();
-        Ok(decide(
-            obs,
-            &activity,
-            &allocations,
-            &links,
-            self.clock.now_unix_ms(),
-            self.grace,
-        ))
+        let live_netns = allocations
+            .iter()
+            .map(|a| &a.pod.netns)
+            .filter(|p| !p.is_empty() && std::path::Path::new(p).exists())
+            .cloned()
+            .collect();
+        Ok(Snapshot {
+            allocations,
+            activity,
+            links,
+            live_netns,
+            owned_blocks: self.ipam.owned_blocks(),
+            now_ms: self.clock.now_unix_ms(),
+        })
     }
 
     /// One look, for CheckConsistency: records what it saw (it is a real
-    /// observation) but releases nothing.
+    /// observation) but changes nothing.
     pub async fn look(&self) -> Result<Vec<Finding>, ReconcileError> {
         let mut obs = self.obs.lock().await;
-        Ok(self.observe(&mut obs).await?.findings)
+        let snap = self.snapshot().await?;
+        Ok(decide(&mut obs, &snap, self.grace).findings)
     }
 
-    /// One pass: look, log the findings, release what has been missing for
-    /// two looks a grace period apart. Returns what it released.
-    pub async fn run_once(&self) -> Result<Vec<Allocation>, ReconcileError> {
+    /// One pass: look, log the findings, release and delete what has been
+    /// stale for two looks a grace period apart.
+    pub async fn run_once(&self) -> Result<Outcome, ReconcileError> {
         let mut obs = self.obs.lock().await;
-        let decision = self.observe(&mut obs).await?;
+        let snap = self.snapshot().await?;
+        let decision = decide(&mut obs, &snap, self.grace);
         let mut logged = HashSet::new();
         for f in &decision.findings {
             if obs.logged.contains(&f.detail) {
@@ -227,45 +311,141 @@ impl Reconciler {
             logged.insert(f.detail.clone());
         }
         obs.logged = logged;
-        if decision.release.is_empty() {
-            return Ok(Vec::new());
+        let mut outcome = Outcome {
+            findings: decision.findings,
+            ..Outcome::default()
+        };
+        if decision.release.is_empty() && decision.unplug.is_empty() {
+            return Ok(outcome);
         }
-        // Look at the host once more right before releasing: a veth that
+        // Look at the host once more right before acting: a veth that
         // reappeared in the meantime wins.
-        let links: HashSet<String> = self.links.fry_links().await?.into_iter().collect();
-        let mut released = Vec::new();
+        let names: HashSet<String> = self
+            .links
+            .fry_links()
+            .await?
+            .into_iter()
+            .map(|l| l.name)
+            .collect();
         for a in decision.release {
-            let veth = ferry_proto::host_veth_name(&a.key.container_id, &a.key.ifname);
-            if links.contains(&veth) {
+            if names.contains(&expected_veth(&a.key)) {
                 continue;
             }
             let Some(&(_, first_look)) = obs.first_missing.get(&a.key) else {
                 continue;
             };
-            // Only the very allocation we watched, and only if no ADD or
-            // CHECK reached it since the first look: decided and done under
-            // the core's lock, so a retried ADD cannot slip in between.
-            match self.ipam.release_if_idle(&a, first_look).await {
-                Ok(Some(r)) => {
-                    tracing::warn!(
-                        ip = %r.ip,
-                        container = %r.key.container_id,
-                        ifname = %r.key.ifname,
-                        "reconcile released an address whose host veth is gone"
-                    );
-                    obs.first_missing.remove(&a.key);
-                    released.push(r);
-                }
-                Ok(None) => {
-                    // Gone, replaced or touched: the looks start over.
-                    obs.first_missing.remove(&a.key);
-                }
-                Err(e) => {
-                    tracing::error!(ip = %a.ip, error = %e, "reconcile could not release");
-                }
+            if let Some(r) = self.release_leaked(&a, first_look).await {
+                obs.first_missing.remove(&a.key);
+                outcome.released.push(r);
+            } else {
+                // Gone, replaced, touched or failed: the looks start over.
+                obs.first_missing.remove(&a.key);
             }
         }
-        Ok(released)
+        for link in decision.unplug {
+            obs.first_orphan.remove(&link);
+            if self.unplug_orphan(&link).await {
+                outcome.unplugged.push(link);
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Acts on every leaked allocation and orphan veth at once, without
+    /// waiting for a second look (ipamctl gc). A leaked allocation's netns is
+    /// gone, so no ADD can be in flight for it; the release still loses to
+    /// any Allocate or Check that reaches the key after this look.
+    pub async fn collect_garbage(&self, dry_run: bool) -> Result<Vec<Finding>, ReconcileError> {
+        let _obs = self.obs.lock().await;
+        let snap = self.snapshot().await?;
+        let names: HashSet<&str> = snap.links.iter().map(|l| l.name.as_str()).collect();
+        let mut expected = HashSet::new();
+        let mut actions = Vec::new();
+        for a in &snap.allocations {
+            let veth = expected_veth(&a.key);
+            expected.insert(veth.clone());
+            let netns_gone = a.pod.netns.is_empty() || !snap.live_netns.contains(&a.pod.netns);
+            if names.contains(veth.as_str()) || !netns_gone {
+                continue;
+            }
+            let what = format!(
+                "{} of {} (veth {veth} and netns gone)",
+                a.ip, a.key.container_id
+            );
+            let detail = if dry_run {
+                format!("would release {what}")
+            // Activity stamped in the very millisecond of the look counts as
+            // before it: with the netns gone no ADD of this key can succeed.
+            } else if self.release_leaked(a, snap.now_ms + 1).await.is_some() {
+                format!("released {what}")
+            } else {
+                format!("kept {what}: it changed or could not be released")
+            };
+            actions.push(Finding {
+                kind: FindingKind::LeakedAllocation,
+                detail,
+                allocation: Some(a.clone()),
+            });
+        }
+        for link in snap.links.iter().filter(|l| !expected.contains(&l.name)) {
+            let detail = if dry_run {
+                format!("would delete host veth {} (no allocation)", link.name)
+            } else if self.unplug_orphan(link).await {
+                format!("deleted host veth {} (no allocation)", link.name)
+            } else {
+                format!(
+                    "host veth {} was already gone or could not be deleted",
+                    link.name
+                )
+            };
+            actions.push(Finding {
+                kind: FindingKind::OrphanVeth,
+                detail,
+                allocation: None,
+            });
+        }
+        Ok(actions)
+    }
+
+    async fn release_leaked(
+        &self,
+        a: &Allocation,
+        not_touched_since_ms: i64,
+    ) -> Option<Allocation> {
+        // Only the very allocation we watched, and only if no ADD or CHECK
+        // reached it since: decided under the core's lock, so a retried ADD
+        // cannot slip in between.
+        match self.ipam.release_if_idle(a, not_touched_since_ms).await {
+            Ok(Some(r)) => {
+                tracing::warn!(
+                    ip = %r.ip,
+                    container = %r.key.container_id,
+                    ifname = %r.key.ifname,
+                    "reconcile released an address whose pod is gone"
+                );
+                Some(r)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!(ip = %a.ip, error = %e, "reconcile could not release");
+                None
+            }
+        }
+    }
+
+    async fn unplug_orphan(&self, link: &HostLink) -> bool {
+        match self.links.delete_link(link).await {
+            Ok(deleted) => {
+                if deleted {
+                    tracing::warn!(link = %link.name, "reconcile deleted a host veth without allocation");
+                }
+                deleted
+            }
+            Err(e) => {
+                tracing::error!(link = %link.name, error = %e, "reconcile could not delete a host veth");
+                false
+            }
+        }
     }
 }
 
@@ -308,15 +488,43 @@ mod tests {
         HashMap::new()
     }
 
-    fn links(names: &[&str]) -> HashSet<String> {
-        names.iter().map(|s| s.to_string()).collect()
+    fn links(names: &[&str]) -> Vec<HostLink> {
+        names
+            .iter()
+            .zip(100..)
+            .map(|(name, index)| HostLink {
+                name: name.to_string(),
+                index,
+            })
+            .collect()
+    }
+
+    /// One look in a world where every pod netns is gone and the node owns
+    /// the test allocations' block.
+    fn look_at(
+        obs: &mut Observations,
+        activity: &HashMap<AllocKey, i64>,
+        allocations: &[Allocation],
+        links: &[HostLink],
+        now_ms: i64,
+        grace: Duration,
+    ) -> Decision {
+        let snap = Snapshot {
+            allocations: allocations.to_vec(),
+            activity: activity.clone(),
+            links: links.to_vec(),
+            live_netns: HashSet::new(),
+            owned_blocks: vec!["10.244.0.0/26".parse().unwrap()],
+            now_ms,
+        };
+        decide(obs, &snap, grace)
     }
 
     #[test]
     fn present_veth_is_fine_and_young_allocations_are_left_alone() {
         let mut obs = Observations::default();
         let a = alloc("aaa", 0);
-        let d = decide(
+        let d = look_at(
             &mut obs,
             &none_active(),
             std::slice::from_ref(&a),
@@ -327,7 +535,7 @@ mod tests {
         assert_eq!(d, Decision::default());
         // Missing but younger than the grace: maybe an ADD in progress.
         let young = alloc("bbb", 900 * S);
-        let d = decide(
+        let d = look_at(
             &mut obs,
             &none_active(),
             &[young],
@@ -345,7 +553,7 @@ mod tests {
         let a = alloc("aaa", 0);
         let none = links(&[NEIGHBOUR]);
         let t0 = 1000 * S;
-        let d = decide(
+        let d = look_at(
             &mut obs,
             &none_active(),
             std::slice::from_ref(&a),
@@ -356,12 +564,12 @@ mod tests {
         let missing: Vec<_> = d
             .findings
             .iter()
-            .filter(|f| f.kind == FindingKind::MissingVeth)
+            .filter(|f| f.kind == FindingKind::LeakedAllocation)
             .collect();
         assert_eq!(missing.len(), 1, "{d:?}");
         assert!(d.release.is_empty());
         // Another look before the grace has passed: still only suspect.
-        let d = decide(
+        let d = look_at(
             &mut obs,
             &none_active(),
             std::slice::from_ref(&a),
@@ -371,7 +579,7 @@ mod tests {
         );
         assert!(d.release.is_empty());
         // A grace period after the first look: released.
-        let d = decide(
+        let d = look_at(
             &mut obs,
             &none_active(),
             std::slice::from_ref(&a),
@@ -387,7 +595,7 @@ mod tests {
         let mut obs = Observations::default();
         let a = alloc("aaa", 0);
         let t0 = 1000 * S;
-        decide(
+        look_at(
             &mut obs,
             &none_active(),
             std::slice::from_ref(&a),
@@ -395,7 +603,7 @@ mod tests {
             t0,
             GRACE,
         );
-        decide(
+        look_at(
             &mut obs,
             &none_active(),
             std::slice::from_ref(&a),
@@ -403,7 +611,7 @@ mod tests {
             t0 + 100 * S,
             GRACE,
         );
-        let d = decide(
+        let d = look_at(
             &mut obs,
             &none_active(),
             std::slice::from_ref(&a),
@@ -412,7 +620,7 @@ mod tests {
             GRACE,
         );
         assert!(d.release.is_empty(), "first look was reset by the veth");
-        let d = decide(
+        let d = look_at(
             &mut obs,
             &none_active(),
             std::slice::from_ref(&a),
@@ -427,7 +635,7 @@ mod tests {
     fn zero_grace_still_needs_an_earlier_look() {
         let mut obs = Observations::default();
         let a = alloc("aaa", 0);
-        let d = decide(
+        let d = look_at(
             &mut obs,
             &none_active(),
             std::slice::from_ref(&a),
@@ -436,7 +644,7 @@ mod tests {
             Duration::ZERO,
         );
         assert!(d.release.is_empty());
-        let d = decide(
+        let d = look_at(
             &mut obs,
             &none_active(),
             std::slice::from_ref(&a),
@@ -452,7 +660,7 @@ mod tests {
         let mut obs = Observations::default();
         let old = alloc("aaa", 0);
         let t0 = 1000 * S;
-        decide(
+        look_at(
             &mut obs,
             &none_active(),
             &[old],
@@ -461,7 +669,7 @@ mod tests {
             GRACE,
         );
         let new = alloc("aaa", t0 - 400 * S + 1);
-        let d = decide(
+        let d = look_at(
             &mut obs,
             &none_active(),
             &[new],
@@ -473,21 +681,112 @@ mod tests {
     }
 
     #[test]
-    fn orphan_veths_are_reported_not_released() {
+    fn orphan_veths_are_deleted_after_two_looks_a_grace_apart() {
         let mut obs = Observations::default();
         let a = alloc("aaa", 0);
-        let d = decide(
+        let host = links(&[&veth(&a), "fryorphan00001"]);
+        let t0 = 1000 * S;
+        let d = look_at(
             &mut obs,
             &none_active(),
             std::slice::from_ref(&a),
-            &links(&[&veth(&a), "fryorphan00001", "eth0"]),
-            1000 * S,
+            &host,
+            t0,
             GRACE,
         );
         assert_eq!(d.findings.len(), 1);
         assert_eq!(d.findings[0].kind, FindingKind::OrphanVeth);
         assert!(d.findings[0].detail.contains("fryorphan00001"));
-        assert!(d.release.is_empty());
+        assert!(d.release.is_empty() && d.unplug.is_empty());
+        let d = look_at(
+            &mut obs,
+            &none_active(),
+            std::slice::from_ref(&a),
+            &host,
+            t0 + 299 * S,
+            GRACE,
+        );
+        assert!(d.unplug.is_empty());
+        let d = look_at(
+            &mut obs,
+            &none_active(),
+            std::slice::from_ref(&a),
+            &host,
+            t0 + 300 * S,
+            GRACE,
+        );
+        assert_eq!(d.unplug, vec![host[1].clone()]);
+        // Re-created under the same name (a new index): a new first look.
+        let recreated = vec![
+            host[0].clone(),
+            HostLink {
+                name: "fryorphan00001".into(),
+                index: 7,
+            },
+        ];
+        let d = look_at(
+            &mut obs,
+            &none_active(),
+            std::slice::from_ref(&a),
+            &recreated,
+            t0 + 301 * S,
+            GRACE,
+        );
+        assert!(d.unplug.is_empty());
+    }
+
+    #[test]
+    fn a_live_netns_keeps_the_address_of_a_missing_veth() {
+        let mut obs = Observations::default();
+        let a = alloc("aaa", 0);
+        let mut snap = Snapshot {
+            allocations: vec![a.clone()],
+            live_netns: HashSet::from([a.pod.netns.clone()]),
+            owned_blocks: vec!["10.244.0.0/26".parse().unwrap()],
+            now_ms: 1000 * S,
+            ..Snapshot::default()
+        };
+        for _ in 0..3 {
+            let d = decide(&mut obs, &snap, GRACE);
+            assert!(d.release.is_empty(), "{d:?}");
+            assert_eq!(d.findings.len(), 1);
+            assert_eq!(d.findings[0].kind, FindingKind::MissingVeth);
+            assert!(d.findings[0].detail.contains("kept"));
+            snap.now_ms += 300 * S;
+        }
+        // The netns goes away: only now do the two looks begin.
+        snap.live_netns.clear();
+        assert!(decide(&mut obs, &snap, GRACE).release.is_empty());
+        snap.now_ms += 300 * S;
+        assert_eq!(decide(&mut obs, &snap, GRACE).release, vec![a]);
+    }
+
+    #[test]
+    fn duplicates_and_foreign_blocks_are_reported() {
+        let mut obs = Observations::default();
+        let a = alloc("aaa", 0);
+        let b = alloc("bbb", 0);
+        let mut c = alloc("ccc", 0);
+        c.ip = "10.9.9.9".parse().unwrap();
+        let snap = Snapshot {
+            allocations: vec![a.clone(), b.clone(), c.clone()],
+            links: links(&[&veth(&a), &veth(&b), &veth(&c)]),
+            owned_blocks: vec!["10.244.0.0/26".parse().unwrap()],
+            now_ms: 1000 * S,
+            ..Snapshot::default()
+        };
+        let d = decide(&mut obs, &snap, GRACE);
+        let kinds: Vec<_> = d.findings.iter().map(|f| f.kind).collect();
+        assert_eq!(
+            kinds,
+            [FindingKind::ForeignBlock, FindingKind::DuplicateAddress]
+        );
+        assert!(d.findings[0].detail.contains("10.9.9.9"));
+        assert!(
+            d.findings[1].detail.contains("aaa, bbb"),
+            "{}",
+            d.findings[1].detail
+        );
     }
 
     /// A clock both the core and reconcile read, moved by the test.
@@ -521,25 +820,32 @@ mod tests {
         assert_eq!(f[0].kind, FindingKind::OrphanVeth);
 
         advance(400);
-        assert!(rec.run_once().await.unwrap().is_empty(), "first look only");
+        assert!(
+            rec.run_once().await.unwrap().released.is_empty(),
+            "first look only"
+        );
         advance(100);
         assert!(
-            rec.run_once().await.unwrap().is_empty(),
+            rec.run_once().await.unwrap().released.is_empty(),
             "not a grace apart yet"
         );
         // The veth came back just before the release would happen.
         advance(200);
         host.set_links(&[&veth(&keep), &veth(&gone)]);
-        assert!(rec.run_once().await.unwrap().is_empty());
+        assert!(rec.run_once().await.unwrap().released.is_empty());
         host.set_links(&[&veth(&keep)]);
         advance(1);
-        assert!(rec.run_once().await.unwrap().is_empty(), "clock restarted");
+        assert!(
+            rec.run_once().await.unwrap().released.is_empty(),
+            "clock restarted"
+        );
         advance(300);
-        let released = rec.run_once().await.unwrap();
+        let released = rec.run_once().await.unwrap().released;
         assert_eq!(released.len(), 1);
         assert_eq!(released[0].key, gone.key);
         assert!(ipam.get(&gone.key).is_none());
         assert!(ipam.get(&keep.key).is_some());
+        assert_eq!(host.names(), [veth(&keep)], "the orphan veth was deleted");
     }
 
     /// A core and a reconcile sharing one test clock.
@@ -583,22 +889,31 @@ mod tests {
         let a = ipam.allocate(add_params(&alloc("stale", 0))).await.unwrap();
 
         advance(400);
-        assert!(rec.run_once().await.unwrap().is_empty(), "first look");
+        assert!(
+            rec.run_once().await.unwrap().released.is_empty(),
+            "first look"
+        );
         advance(300);
         // The runtime ADDs the same key again: it gets the same address and
         // is about to create the veth.
         assert_eq!(ipam.allocate(add_params(&a)).await.unwrap(), a);
         assert!(
-            rec.run_once().await.unwrap().is_empty(),
+            rec.run_once().await.unwrap().released.is_empty(),
             "the address was just handed out again"
         );
         advance(299);
-        assert!(rec.run_once().await.unwrap().is_empty(), "still young");
+        assert!(
+            rec.run_once().await.unwrap().released.is_empty(),
+            "still young"
+        );
         // Still no veth a grace after the ADD: two fresh looks are needed.
         advance(1);
-        assert!(rec.run_once().await.unwrap().is_empty(), "new first look");
+        assert!(
+            rec.run_once().await.unwrap().released.is_empty(),
+            "new first look"
+        );
         advance(300);
-        let released = rec.run_once().await.unwrap();
+        let released = rec.run_once().await.unwrap().released;
         assert_eq!(released, vec![a]);
     }
 
@@ -612,14 +927,20 @@ mod tests {
     }
 
     impl HostLinks for RacingHost {
-        fn fry_links(&self) -> crate::store::BoxFuture<'_, Result<Vec<String>, NodeError>> {
+        fn fry_links(&self) -> crate::store::BoxFuture<'_, Result<Vec<HostLink>, NodeError>> {
             let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
             Box::pin(async move {
                 if n == self.call {
                     self.ipam.allocate(self.params.clone()).await.unwrap();
                 }
-                Ok(vec![NEIGHBOUR.to_string()])
+                Ok(links(&[NEIGHBOUR]))
             })
+        }
+        fn delete_link<'a>(
+            &'a self,
+            _link: &'a HostLink,
+        ) -> crate::store::BoxFuture<'a, Result<bool, NodeError>> {
+            Box::pin(async { Ok(false) })
         }
     }
 
@@ -640,9 +961,9 @@ mod tests {
         let rec = Reconciler::new(ipam.clone(), host.clone(), clock.clone(), GRACE);
         let advance = |secs: i64| clock.0.fetch_add(secs * S, Ordering::SeqCst);
         advance(400);
-        assert!(rec.run_once().await.unwrap().is_empty());
+        assert!(rec.run_once().await.unwrap().released.is_empty());
         advance(300);
-        assert!(rec.run_once().await.unwrap().is_empty());
+        assert!(rec.run_once().await.unwrap().released.is_empty());
         assert_eq!(host.calls.load(Ordering::SeqCst), 3);
         assert_eq!(ipam.get(&a.key), Some(a));
     }
@@ -652,7 +973,7 @@ mod tests {
         let mut obs = Observations::default();
         let a = alloc("aaa", 0);
         let t0 = 1000 * S;
-        decide(
+        look_at(
             &mut obs,
             &none_active(),
             std::slice::from_ref(&a),
@@ -663,7 +984,7 @@ mod tests {
         // Touched after the first look, but longer than a grace ago by the
         // second (no look in between saw it young).
         let touched = HashMap::from([(a.key.clone(), t0 + S)]);
-        let d = decide(
+        let d = look_at(
             &mut obs,
             &touched,
             std::slice::from_ref(&a),
@@ -673,7 +994,7 @@ mod tests {
         );
         assert!(d.release.is_empty());
         assert_eq!(obs.first_missing[&a.key], (0, t0 + 400 * S));
-        let d = decide(
+        let d = look_at(
             &mut obs,
             &touched,
             std::slice::from_ref(&a),
@@ -688,7 +1009,7 @@ mod tests {
     fn forgotten_keys_are_dropped() {
         let mut obs = Observations::default();
         let a = alloc("aaa", 0);
-        decide(
+        look_at(
             &mut obs,
             &none_active(),
             &[a],
@@ -697,7 +1018,7 @@ mod tests {
             GRACE,
         );
         assert_eq!(obs.first_missing.len(), 1);
-        decide(
+        look_at(
             &mut obs,
             &none_active(),
             &[],
@@ -706,44 +1027,5 @@ mod tests {
             GRACE,
         );
         assert!(obs.first_missing.is_empty());
-    }
-
-    #[test]
-    fn no_visible_veth_at_all_holds_every_release() {
-        let mut obs = Observations::default();
-        let a = alloc("aaa", 0);
-        let t0 = 1000 * S;
-        decide(
-            &mut obs,
-            &none_active(),
-            std::slice::from_ref(&a),
-            &links(&[]),
-            t0,
-            GRACE,
-        );
-        let d = decide(
-            &mut obs,
-            &none_active(),
-            std::slice::from_ref(&a),
-            &links(&[]),
-            t0 + 300 * S,
-            GRACE,
-        );
-        assert!(d.release.is_empty(), "released blind: {d:?}");
-        assert!(
-            d.findings
-                .iter()
-                .any(|f| f.kind == FindingKind::ReleasesHeld)
-        );
-        // The first pod networked here shows ipamd sees the node: the hold lifts.
-        let d = decide(
-            &mut obs,
-            &none_active(),
-            std::slice::from_ref(&a),
-            &links(&[NEIGHBOUR]),
-            t0 + 301 * S,
-            GRACE,
-        );
-        assert_eq!(d.release, vec![a]);
     }
 }

@@ -99,6 +99,7 @@ pub fn add(a: &Attachment, ipam: &dyn IpamClient, dp: &dyn Dataplane) -> Result<
         } else {
             lease.mtu
         },
+        replace_stale: lease.created,
     };
     let attached = match dp.setup(&link) {
         Ok(attached) => attached,
@@ -148,26 +149,24 @@ fn rollback(key: &Key, link: &PodLink, teardown: bool, ipam: &dyn IpamClient, dp
 
 pub fn del(a: &Attachment, ipam: &dyn IpamClient, dp: &dyn Dataplane) -> Result<(), CniError> {
     let host_veth = a.host_veth();
-    // The host end is all DEL needs, so an empty or vanished netns is fine.
-    let teardown = || dp.teardown(&host_veth);
-    // The kernel's veth deletion (an RCU wait of ~16 ms) dominates DEL, so the
-    // address is released meanwhile. That is safe even if the teardown then
-    // fails: a released address cools down before reuse, the runtime retries
-    // DEL, and a new pod's /32 route replaces a stale one.
-    let (torn_down, released) = std::thread::scope(|s| {
-        let teardown = s.spawn(teardown);
-        let released = ipam.release(&a.key());
-        let torn_down = teardown.join().unwrap_or_else(|_| {
-            Err(DataplaneError::Netlink {
-                op: "teardown".into(),
-                detail: "teardown thread panicked".into(),
-            })
-        });
-        (torn_down, released)
+    let key = a.key();
+    // The kernel's veth unregister (an RCU wait of ~16 ms) would dominate
+    // DEL, so ipamd deletes the host veth once the release is durable, by
+    // ifindex so that a veth re-created under the same name is never hit.
+    // Only the host end matters, so an empty or vanished netns is fine.
+    let index = dp.host_link_index(&host_veth).unwrap_or_else(|e| {
+        warn!(error = %e, %host_veth, "cannot look up the host veth; DEL deletes it itself");
+        None
     });
-    torn_down?;
+    let released = match index {
+        Some(ifindex) => ipam.release_and_unplug(&key, &host_veth, ifindex),
+        None => ipam.release(&key).map(|()| false),
+    };
+    if !matches!(released, Ok(true)) {
+        dp.teardown(&host_veth)?;
+    }
     match released {
-        Ok(()) => {}
+        Ok(_) => {}
         // The pod is unplugged either way; ipamd's reconcile frees the
         // address once it can (a version skew is a rolling upgrade in flight).
         Err(IpamClientError::Unreachable(msg) | IpamClientError::VersionMismatch(msg)) => {
@@ -229,6 +228,7 @@ pub fn check(a: &Attachment, ipam: &dyn IpamClient, dp: &dyn Dataplane) -> Resul
         addresses: expected,
         // CHECK does not compare the MTU; 0 says "unknown".
         mtu: a.conf.mtu,
+        replace_stale: false,
     })?;
     Ok(())
 }
@@ -247,7 +247,7 @@ pub fn status(_req: &StatusRequest, ipam: &dyn IpamClient) -> Result<(), CniErro
         )),
         Ok((Readiness::NoAddresses, reason)) => Err(CniError::new(
             code::NO_ADDRESSES,
-            format!("no pool has free addresses: {reason}"),
+            format!("no addresses to hand out: {reason}"),
         )),
         Err(e @ (IpamClientError::Unreachable(_) | IpamClientError::Unavailable(_))) => {
             Err(CniError::new(code::NOT_AVAILABLE, e.to_string()))
@@ -270,8 +270,14 @@ pub fn gc(req: &GcRequest, ipam: &dyn IpamClient, dp: &dyn Dataplane) -> Result<
     let released = ipam.gc(network, &valid)?;
     for key in &released {
         let host_veth = ferry_proto::host_veth_name(&key.container_id, &key.ifname);
-        if let Err(e) = dp.teardown(&host_veth) {
-            warn!(error = %e, %host_veth, "GC: teardown of a released attachment failed");
+        match dp.teardown(&host_veth) {
+            // One line per attachment, so the plugin log says what GC freed.
+            Ok(()) => info!(container = %key.container_id, ifname = %key.ifname,
+                %host_veth, "GC released attachment and removed its host veth"),
+            Err(e) => {
+                warn!(error = %e, container = %key.container_id, ifname = %key.ifname,
+                    %host_veth, "GC released attachment; teardown of its host veth failed")
+            }
         }
     }
     info!(network = %network, released = released.len(), "GC done");
@@ -304,6 +310,8 @@ mod tests {
         fail: Option<fn() -> IpamClientError>,
         readiness: Option<Readiness>,
         last_pod: RefCell<Option<PodInfo>>,
+        /// What release_and_unplug answers: did ipamd take the veth over.
+        unplugs: bool,
     }
 
     fn k(key: &Key) -> (String, String, String) {
@@ -335,6 +343,7 @@ mod tests {
             self.fail_or("allocate")?;
             *self.last_pod.borrow_mut() = Some(pod.clone());
             let mut held = self.held.borrow_mut();
+            let created = !held.contains_key(&k(key));
             let addr = *held.entry(k(key)).or_insert_with(|| {
                 let ip = requested.first().copied().unwrap_or_else(|| {
                     let mut n = self.next.borrow_mut();
@@ -348,12 +357,23 @@ mod tests {
                 gateway: ferry_proto::POD_GATEWAY,
                 mtu: 1480,
                 pool: "default".into(),
+                created,
             })
         }
         fn release(&self, key: &Key) -> Result<(), IpamClientError> {
             self.fail_or("release")?;
             self.held.borrow_mut().remove(&k(key));
             Ok(())
+        }
+        fn release_and_unplug(
+            &self,
+            key: &Key,
+            _host_veth: &str,
+            _ifindex: u32,
+        ) -> Result<bool, IpamClientError> {
+            self.fail_or("release+unplug")?;
+            self.held.borrow_mut().remove(&k(key));
+            Ok(self.unplugs)
         }
         fn check(&self, key: &Key) -> Result<Option<Vec<Ipv4Net>>, IpamClientError> {
             self.fail_or("check")?;
@@ -618,13 +638,48 @@ mod tests {
             let dp = FakeDataplane::new();
             let a = attachment(request("DEL", "1.0.0", netns, json!({})));
             del(&a, &FakeIpam::default(), &dp).unwrap();
+            let host_veth = a.host_veth();
             assert_eq!(
                 dp.calls(),
-                vec![Call::Teardown {
-                    host_veth: a.host_veth()
-                }]
+                vec![
+                    Call::LinkIndex {
+                        host_veth: host_veth.clone()
+                    },
+                    Call::Teardown { host_veth }
+                ]
             );
         }
+    }
+
+    #[test]
+    fn del_hands_the_host_veth_to_ipamd_when_it_takes_it() {
+        let ipam = FakeIpam {
+            unplugs: true,
+            ..FakeIpam::default()
+        };
+        let dp = FakeDataplane {
+            host_index: Some(7),
+            ..FakeDataplane::new()
+        };
+        add(&add_req("1.0.0"), &ipam, &dp).unwrap();
+        let a = attachment(request("DEL", "1.0.0", NETNS, json!({})));
+        del(&a, &ipam, &dp).unwrap();
+        assert!(ipam.held.borrow().is_empty());
+        assert_eq!(ipam.calls(), ["allocate", "release+unplug"]);
+        assert_eq!(dp.teardowns(), 0, "ipamd deletes the veth");
+    }
+
+    #[test]
+    fn del_tears_down_itself_when_an_older_ipamd_ignores_the_veth() {
+        let ipam = FakeIpam::default();
+        let dp = FakeDataplane {
+            host_index: Some(7),
+            ..FakeDataplane::new()
+        };
+        let a = attachment(request("DEL", "1.0.0", NETNS, json!({})));
+        del(&a, &ipam, &dp).unwrap();
+        assert_eq!(ipam.calls(), ["release+unplug"]);
+        assert_eq!(dp.teardowns(), 1);
     }
 
     #[test]

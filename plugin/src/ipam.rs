@@ -28,6 +28,9 @@ pub struct Lease {
     pub gateway: Ipv4Addr,
     pub mtu: u32,
     pub pool: String,
+    /// ipamd created the allocation in this call (false: a retried ADD of a
+    /// key it already held).
+    pub created: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +71,15 @@ pub trait IpamClient {
     ) -> Result<Lease, IpamClientError>;
     /// Idempotent; an unknown key is Ok.
     fn release(&self, key: &Key) -> Result<(), IpamClientError>;
+    /// Release that also hands ipamd the host veth to delete once the
+    /// release is durable. True when ipamd took the deletion over; false
+    /// (an older ipamd) leaves it to the caller.
+    fn release_and_unplug(
+        &self,
+        key: &Key,
+        host_veth: &str,
+        ifindex: u32,
+    ) -> Result<bool, IpamClientError>;
     /// The addresses ipamd holds for `key`, None when it holds nothing.
     fn check(&self, key: &Key) -> Result<Option<Vec<Ipv4Net>>, IpamClientError>;
     /// Releases everything of `network` not in `valid`; returns the released keys.

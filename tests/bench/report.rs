@@ -172,7 +172,7 @@ impl Report {
         }
         println!("{header}");
         type Row = (&'static str, fn(&PluginResult) -> String);
-        let rows: [Row; 15] = [
+        let rows: [Row; 16] = [
             ("VERSION p50 (floor)", |p| {
                 format!("{:.2}", p.version.p50_ms)
             }),
@@ -185,6 +185,9 @@ impl Report {
             ("DEL p50", |p| format!("{:.2}", p.del.p50_ms)),
             ("DEL p99", |p| format!("{:.2}", p.del.p99_ms)),
             ("DEL mean", |p| format!("{:.2}", p.del.mean_ms)),
+            ("veths gone after DELs p50", |p| {
+                format!("{:.2}", p.del_settle.p50_ms)
+            }),
             ("DEL failures", |p| {
                 format!("{}/{}", p.del_failures, p.del.count)
             }),

@@ -57,6 +57,9 @@ pub struct PluginResult {
     pub version: Summary,
     pub add: Summary,
     pub del: Summary,
+    /// From the last DEL of a round returning until no host veth is left:
+    /// ferry deletes them in the background, the reference plugins inline.
+    pub del_settle: Summary,
     pub add_failures: usize,
     pub del_failures: usize,
     pub burst_add_wall_ms: f64,
@@ -154,6 +157,8 @@ fn measure_all(spec: &Spec) -> Result<Vec<PluginResult>> {
                 );
             }
         }
+        // The plugins share the pod netns: the next one needs eth0 free.
+        host_veths_gone()?;
     }
 
     // The floor: VERSION does no work, so its exec time is the process cost.
@@ -171,6 +176,7 @@ fn measure_all(spec: &Spec) -> Result<Vec<PluginResult>> {
     let rounds = spec.rounds.clamp(1, spec.pods.max(1));
     let mut add_ms = vec![Vec::with_capacity(spec.pods); n];
     let mut del_ms = vec![Vec::with_capacity(spec.pods); n];
+    let mut settle_ms = vec![Vec::with_capacity(rounds); n];
     for round in 0..rounds {
         let first = spec.pods * round / rounds;
         let last = spec.pods * (round + 1) / rounds;
@@ -211,6 +217,7 @@ fn measure_all(spec: &Spec) -> Result<Vec<PluginResult>> {
                     &plugin.label,
                 );
             }
+            settle_ms[i].push(host_veths_gone()?);
             std::thread::sleep(Duration::from_millis(spec.settle_ms / 4));
         }
     }
@@ -230,8 +237,32 @@ fn measure_all(spec: &Spec) -> Result<Vec<PluginResult>> {
         res.version = Summary::of(&version_ms[i]);
         res.add = Summary::of(&add_ms[i]);
         res.del = Summary::of(&del_ms[i]);
+        res.del_settle = Summary::of(&settle_ms[i]);
     }
     Ok(results)
+}
+
+/// Milliseconds until this netns has no host veth of any plugin left
+/// (ferry's `fry*`, the reference plugins' `veth*`), polled every 0.5 ms.
+fn host_veths_gone() -> Result<f64> {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(30);
+    loop {
+        let left = std::fs::read_dir("/sys/class/net")?
+            .filter_map(|e| e.ok())
+            .any(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                name.starts_with(ferry_proto::HOST_VETH_PREFIX) || name.starts_with("veth")
+            });
+        if !left {
+            return Ok(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!("host veths still present 30 s after the DELs");
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
 }
 
 fn burst(spec: &Spec, plugin: &PluginSpec, res: &mut PluginResult) -> Result<()> {
@@ -264,6 +295,8 @@ fn burst(spec: &Spec, plugin: &PluginSpec, res: &mut PluginResult) -> Result<()>
             &plugin.label,
         );
     }
+    // The next plugin's pods reuse these netns.
+    host_veths_gone()?;
     Ok(())
 }
 

@@ -41,6 +41,7 @@
 mod cni;
 mod ipamd;
 mod netns;
+pub mod storm;
 mod util;
 mod world;
 
@@ -55,6 +56,10 @@ pub use util::{
     wait_until, workspace_root,
 };
 pub use world::OneNode;
+
+/// How long ipamd may take to delete host veths after the DELs that handed
+/// them over (it deletes them in the background).
+pub const DEL_SETTLE: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[cfg(test)]
 mod selftest {

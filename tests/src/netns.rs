@@ -109,6 +109,19 @@ impl Netns {
             .collect())
     }
 
+    /// Waits (up to `timeout`) until no `fry*` link is left and returns
+    /// what is left then: ipamd deletes host veths shortly after DEL.
+    pub fn ferry_links_after_del(&self, timeout: std::time::Duration) -> Result<Vec<String>> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = self.ferry_links()?;
+            if left.is_empty() || std::time::Instant::now() >= deadline {
+                return Ok(left);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// Host routes (`/32`, main table) as `(destination, device)` pairs.
     pub fn host_routes(&self) -> Result<Vec<(String, String)>> {
         let v = self.ip_json(&["-4", "route", "show", "table", "main"])?;

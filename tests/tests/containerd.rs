@@ -37,8 +37,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use ferry_tests::{
-    ChildGuard, Fabric, Ipamd, IpamdConfig, Node, bin, cni_plugin_dir, conflist, ferry_plugin_conf,
-    require_root, unique,
+    ChildGuard, DEL_SETTLE, Fabric, Ipamd, IpamdConfig, Node, bin, cni_plugin_dir, conflist,
+    ferry_plugin_conf, require_root, unique,
 };
 use serde_json::{Value, json};
 
@@ -810,7 +810,7 @@ fn containerd_runs_two_pods_on_ferry_and_cleans_up() -> Result<()> {
         "allocations left after the containers were deleted: {allocs:#?}{}",
         diag(&ctd)
     );
-    let fry = node.ns.ferry_links()?;
+    let fry = node.ns.ferry_links_after_del(DEL_SETTLE)?;
     assert!(fry.is_empty(), "fry* links left in the node netns: {fry:?}");
     let host_routes = node.ns.host_routes()?;
     for ip in &pod_ips {

@@ -81,7 +81,7 @@ fn del_with_empty_or_vanished_netns_frees_everything() -> Result<()> {
         "allocations left: {:?}",
         held_ips(&ipamd)?
     );
-    let links = node.ns.ferry_links()?;
+    let links = node.ns.ferry_links_after_del(DEL_SETTLE)?;
     ensure!(links.is_empty(), "fry links left: {links:?}");
     Ok(())
 }
@@ -119,6 +119,9 @@ fn del_while_ipamd_is_down_then_reconcile_frees_the_address() -> Result<()> {
         gone.addrs().map(|a| a.is_empty()).unwrap_or(true),
         "pod side still addressed"
     );
+    // The runtime removes the netns after DEL; reconcile frees an address
+    // only once both the veth and the netns are gone.
+    drop(gone);
 
     ipamd.restart()?;
     // The address is still recorded right after the restart: nothing was released blindly.
@@ -187,5 +190,87 @@ fn a_foreign_interface_survives_the_failed_add_and_the_del_after_it() -> Result<
         held_ips(&ipamd)?.is_empty(),
         "the failed ADD kept an address"
     );
+    Ok(())
+}
+
+#[test]
+fn ipamctl_gc_cleans_up_after_pods_gone_without_del() -> Result<()> {
+    require_root();
+    let OneNode {
+        fabric: _fabric,
+        node,
+        ipamd,
+        list,
+        rt,
+    } = OneNode::start(IpamdConfig::default())?;
+    let kept = Pod::new()?;
+    let kept_ip = add(&rt, &list, &kept)?;
+    let lost = Pod::new()?;
+    let lost_ip = add(&rt, &list, &lost)?;
+    // The pod's netns goes without a DEL (a crash, a reboot): its veth with it.
+    drop(lost);
+    // And a host veth of ours that nothing holds.
+    node.ns.ip(&[
+        "link",
+        "add",
+        "fry0orphan0001",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "orphanpeer",
+    ])?;
+
+    let actions = |v: &Value, field: &str| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|f| format!("{} {}", f["kind"].as_str().unwrap_or(""), f[field]))
+            .collect()
+    };
+    let plan = ipamd.ipamctl_json(&["gc", "--dry-run"])?;
+    let planned = actions(&plan, "detail");
+    ensure!(planned.len() == 2, "gc --dry-run: {planned:?}");
+    ensure!(
+        planned
+            .iter()
+            .any(|p| p.starts_with("leaked-allocation") && p.contains(&lost_ip.to_string())),
+        "{planned:?}"
+    );
+    ensure!(
+        planned
+            .iter()
+            .any(|p| p.starts_with("orphan-veth") && p.contains("fry0orphan0001")),
+        "{planned:?}"
+    );
+    ensure!(held_ips(&ipamd)?.len() == 2, "a dry run changed the state");
+    ensure!(
+        node.ns
+            .ferry_links()?
+            .contains(&"fry0orphan0001".to_string())
+    );
+
+    let done = actions(&ipamd.ipamctl_json(&["gc"])?, "detail");
+    ensure!(
+        done.iter()
+            .filter(|d| d.contains("released ") || d.contains("deleted host veth"))
+            .count()
+            == 2,
+        "gc: {done:?}"
+    );
+    ensure!(
+        held_ips(&ipamd)? == vec![(kept.container_id.clone(), kept_ip)],
+        "after gc: {:?}",
+        held_ips(&ipamd)?
+    );
+    ensure!(node.ns.ferry_links()? == vec![kept.host_veth()]);
+    ensure!(kept.ns.ping(&node.ip.to_string()), "gc hurt the live pod");
+    let again = ipamd.ipamctl_json(&["gc"])?;
+    ensure!(
+        again.as_array().is_some_and(Vec::is_empty),
+        "second gc: {again}"
+    );
+    let out = rt.del(&list, &CniCall::del(&kept), &json!({}))?;
+    ensure!(out.success(), "DEL failed: {out}");
     Ok(())
 }

@@ -140,7 +140,7 @@ fn one_node_twenty_pods() -> Result<()> {
     }
     let allocs = ipamd.allocations()?;
     ensure!(allocs.is_empty(), "allocations left after DEL: {allocs:#?}");
-    let links = node.ns.ferry_links()?;
+    let links = node.ns.ferry_links_after_del(DEL_SETTLE)?;
     ensure!(links.is_empty(), "fry links left after DEL: {links:?}");
     let routes = node.ns.host_routes()?;
     ensure!(routes.is_empty(), "/32 routes left after DEL: {routes:?}");

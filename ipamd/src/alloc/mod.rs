@@ -488,7 +488,15 @@ impl Allocator {
     pub fn select_pool(&self, params: &AllocateParams) -> Result<&PoolSpec, IpamError> {
         if let Some(ip) = requested_ip(params)? {
             return self.pool_of(ip).ok_or_else(|| {
-                IpamError::InvalidArgument(format!("requested address {ip} lies in no pool"))
+                let pools: Vec<String> = self
+                    .pools
+                    .values()
+                    .map(|p| format!("{} {}", p.name, p.cidr))
+                    .collect();
+                IpamError::InvalidArgument(format!(
+                    "requested address {ip} is outside every pool ({})",
+                    pools.join(", ")
+                ))
             });
         }
         if let Some(hint) = params.pool_hint.as_deref().filter(|h| !h.is_empty()) {
@@ -586,15 +594,16 @@ impl Allocator {
         }
         if let Some(a) = self.holder(ip) {
             return Err(unavailable(format!(
-                "it is allocated to container {} ifname {} (pod {}/{})",
-                a.key.container_id, a.key.ifname, a.pod.namespace, a.pod.name
+                "pool {} already has it allocated to container {} ifname {} (pod {}/{})",
+                a.pool, a.key.container_id, a.key.ifname, a.pod.namespace, a.pod.name
             )));
         }
         if let Some(t) = self.cooling.get(&ip).copied()
             && self.reusable_at(t) > now_ms
         {
             return Err(unavailable(format!(
-                "it was released at unix ms {t} and is cooling down until unix ms {}",
+                "it was released from pool {} at unix ms {t} and is cooling down until unix ms {}",
+                p.name,
                 self.reusable_at(t)
             )));
         }
@@ -829,16 +838,31 @@ impl Allocator {
         check_pool_set(spec, &others)
     }
 
-    /// Mutations adding a new pool at run time.
+    /// Mutations adding a new pool at run time. The pool is marked as added
+    /// at run time, so that it outlives restarts although the configuration
+    /// does not name it.
     pub fn plan_add_pool(&self, spec: &PoolSpec) -> Result<Vec<Mutation>, IpamError> {
-        if self.pools.contains_key(&spec.name) {
+        if let Some(old) = self.pools.get(&spec.name) {
             return Err(IpamError::Conflict(format!(
-                "pool {} already exists",
-                spec.name
+                "pool {} already exists ({}); remove it first to change it",
+                spec.name, old.cidr
             )));
         }
         self.validate_pool(spec)?;
-        Ok(vec![Mutation::PutPool(spec.clone())])
+        if let Some(unknown) = spec
+            .allow_from
+            .iter()
+            .find(|n| **n != spec.name && !self.pools.contains_key(n.as_str()))
+        {
+            return Err(IpamError::InvalidArgument(format!(
+                "pool {}: allow_from names unknown pool {unknown:?}",
+                spec.name
+            )));
+        }
+        Ok(vec![Mutation::PutPool(PoolSpec {
+            runtime: true,
+            ..spec.clone()
+        })])
     }
 
     /// Mutations removing a pool and its blocks; the blocks come back too so
@@ -859,7 +883,14 @@ impl Allocator {
         let held = self.allocations.values().filter(|a| a.pool == name).count();
         if held > 0 {
             return Err(IpamError::Conflict(format!(
-                "pool {name} still holds {held} allocation(s)"
+                "pool {name} still holds {held} allocation(s); delete those pods or release them (ipamctl allocations --pool {name}) first"
+            )));
+        }
+        if !p.runtime {
+            // It would come back at the next start: refusing keeps every
+            // change `pool rm` makes durable.
+            return Err(IpamError::Conflict(format!(
+                "pool {name} comes from ipamd's configuration and would return at the next start; remove it from the configuration and restart ipamd instead"
             )));
         }
         let blocks: Vec<BlockClaim> = self.pool_blocks(name).map(|b| b.claim.clone()).collect();
@@ -876,8 +907,9 @@ impl Allocator {
 
     /// Merges the configured pools into the persisted ones at start:
     /// configured pools are added or updated; a persisted pool missing from
-    /// the configuration is kept while it holds allocations, dropped
-    /// otherwise. Returns the blocks to give back and the mutations.
+    /// the configuration is kept if it was added at run time (`pool add`) or
+    /// while it holds allocations, dropped otherwise. Returns the blocks to
+    /// give back and the mutations.
     pub fn plan_merge_pools(
         &self,
         configured: &[PoolSpec],
@@ -907,6 +939,10 @@ impl Allocator {
         };
         for old in self.pools.values() {
             if names.contains(old.name.as_str()) {
+                continue;
+            }
+            if old.runtime {
+                final_set.push(old);
                 continue;
             }
             let n = held(&old.name);

@@ -379,6 +379,76 @@ fn pool_merge_and_admin_rules() {
 }
 
 #[test]
+fn run_time_pools_outlive_restarts_and_configured_ones_stay() {
+    let configured = [
+        spec("default", "10.0.0.0/24", 28, &[]),
+        spec("blue", "10.1.0.0/24", 28, &["blue"]),
+    ];
+    let mut a = allocator(&configured);
+    let mut green = spec("green", "10.2.0.0/24", 28, &["green"]);
+    green.allow_from = vec!["nope".into()];
+    assert!(matches!(
+        a.plan_add_pool(&green),
+        Err(IpamError::InvalidArgument(m)) if m.contains("unknown pool \"nope\"")
+    ));
+    green.allow_from = vec!["blue".into()];
+    let m = a.plan_add_pool(&green).unwrap();
+    a.apply(&m, 0);
+    assert!(a.pool("green").is_some_and(|p| p.runtime));
+    // A configured pool would come back at the next start: refused, and
+    // the message says what to do instead.
+    assert!(matches!(
+        a.plan_remove_pool("blue"),
+        Err(IpamError::Conflict(m)) if m.contains("configuration")
+    ));
+    // Restart with the same configuration: green is kept though empty.
+    let (_, muts) = a.plan_merge_pools(&configured).unwrap();
+    a.apply(&muts, 1);
+    assert!(a.pool("green").is_some_and(|p| p.runtime));
+    // A configured pool dropped from the configuration goes (it is empty).
+    let (_, muts) = a.plan_merge_pools(&configured[..1]).unwrap();
+    a.apply(&muts, 2);
+    assert!(a.pool("blue").is_none());
+    assert!(a.pool("green").is_some());
+    // A run-time pool overlapping a newly configured one stops the start,
+    // naming both.
+    assert!(matches!(
+        a.plan_merge_pools(&[configured[0].clone(), spec("g2", "10.2.0.0/25", 28, &["g2"])]),
+        Err(IpamError::InvalidArgument(m)) if m.contains("green") && m.contains("g2")
+    ));
+    // Configuring a pool of the same name takes it over from run time.
+    let (_, muts) = a
+        .plan_merge_pools(&[
+            configured[0].clone(),
+            spec("green", "10.2.0.0/24", 28, &["green"]),
+        ])
+        .unwrap();
+    a.apply(&muts, 3);
+    assert!(a.pool("green").is_some_and(|p| !p.runtime));
+}
+
+#[test]
+fn requested_address_errors_name_the_address_and_the_pool() {
+    let mut a = allocator(&[spec("default", "10.0.0.0/24", 28, &[])]);
+    let mut p = params(1);
+    p.requested_ips = vec![ip("10.0.0.5")];
+    drive(&mut a, &p, 0, &[]).unwrap();
+    let mut q = params(2);
+    q.requested_ips = vec![ip("10.0.0.5")];
+    let e = drive(&mut a, &q, 0, &[]).unwrap_err().to_string();
+    assert!(
+        e.contains("10.0.0.5") && e.contains("pool default") && e.contains("c01"),
+        "{e}"
+    );
+    q.requested_ips = vec![ip("192.168.9.9")];
+    let e = drive(&mut a, &q, 0, &[]).unwrap_err().to_string();
+    assert!(
+        e.contains("192.168.9.9 is outside every pool (default 10.0.0.0/24)"),
+        "{e}"
+    );
+}
+
+#[test]
 fn gc_releases_only_unlisted_keys_of_the_network() {
     let mut a = allocator(&[spec("default", "10.0.0.0/24", 28, &[])]);
     for i in 0..4 {

@@ -34,8 +34,13 @@ struct Cli {
 enum Cmd {
     /// Readiness and counts; exits 0 only when ipamd is READY.
     Status,
-    /// Pools and their use.
+    /// Pools, their options and their use (same as `pool ls`).
     Pools,
+    /// Add, remove or list pools at run time.
+    Pool {
+        #[command(subcommand)]
+        cmd: PoolCmd,
+    },
     /// Blocks this ipamd knows of.
     Blocks {
         #[arg(long)]
@@ -61,6 +66,52 @@ enum Cmd {
     Release { target: String },
     /// Compare allocations with the host veths (and the store).
     Check,
+    /// Act on what `check` finds (release stale allocations, delete orphan
+    /// veths); prints each action.
+    Gc {
+        /// Only print what would be done.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PoolCmd {
+    /// Add a pool; it lasts across ipamd restarts until `pool rm`.
+    Add(PoolAdd),
+    /// Remove a pool added at run time; refused while it holds allocations.
+    #[command(visible_alias = "remove")]
+    Rm { name: String },
+    /// List pools (same as `ipamctl pools`).
+    #[command(visible_alias = "list")]
+    Ls,
+}
+
+#[derive(Debug, clap::Args)]
+struct PoolAdd {
+    name: String,
+    /// The pool's network, e.g. 10.50.0.0/24.
+    cidr: String,
+    /// Prefix length of the per-node blocks (default /26, or the pool's own
+    /// prefix when it is smaller than that).
+    #[arg(long, value_name = "N")]
+    block_size: Option<u8>,
+    /// A Kubernetes namespace this pool serves (repeatable). A pool with
+    /// none would be a second default pool, which is refused.
+    #[arg(long = "namespace", value_name = "NS")]
+    namespaces: Vec<String>,
+    /// Masquerade traffic leaving every cluster pool.
+    #[arg(long)]
+    nat_outgoing: bool,
+    /// The source address for that SNAT (default: the node's).
+    #[arg(long, value_name = "IP")]
+    snat_address: Option<Ipv4Addr>,
+    /// Drop traffic into this pool from other pools, except --allow-from.
+    #[arg(long)]
+    isolated: bool,
+    /// A pool allowed into an isolated pool (repeatable).
+    #[arg(long = "allow-from", value_name = "POOL")]
+    allow_from: Vec<String>,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -94,6 +145,11 @@ async fn connect(socket: &Path) -> anyhow::Result<Channel> {
 /// A failed call, named with the socket when the transport is at fault.
 fn rpc_error(socket: &Path, s: tonic::Status) -> anyhow::Error {
     match s.code() {
+        tonic::Code::Unimplemented => anyhow!(
+            "ipamd at {} does not support this command yet: {} (upgrade ipamd)",
+            socket.display(),
+            s.message()
+        ),
         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown => anyhow!(
             "ipamd at {} did not answer: {} ({:?})",
             socket.display(),
@@ -159,7 +215,7 @@ async fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             });
         }
-        Cmd::Pools => {
+        Cmd::Pools | Cmd::Pool { cmd: PoolCmd::Ls } => {
             let pools = admin
                 .list_pools(pb::ListPoolsRequest {
                     client_version: version(),
@@ -171,39 +227,48 @@ async fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             if cli.json {
                 print_json(&pools.iter().map(PoolJson::from).collect::<Vec<_>>())?;
             } else {
-                let rows = pools
-                    .iter()
-                    .map(|u| {
-                        let p = u.pool.clone().unwrap_or_default();
-                        vec![
-                            p.name,
-                            p.cidr,
-                            format!("/{}", p.block_size),
-                            u.size.to_string(),
-                            u.allocated.to_string(),
-                            u.cooling.to_string(),
-                            u.blocks.to_string(),
-                            if p.is_default {
-                                "(default)".to_string()
-                            } else {
-                                p.namespaces.join(",")
-                            },
-                        ]
-                    })
-                    .collect();
-                print_table(
-                    &[
-                        "NAME",
-                        "CIDR",
-                        "BLOCK",
-                        "SIZE",
-                        "ALLOCATED",
-                        "COOLING",
-                        "BLOCKS",
-                        "NAMESPACES",
-                    ],
-                    rows,
+                print_pools(&pools);
+            }
+        }
+        Cmd::Pool {
+            cmd: PoolCmd::Add(a),
+        } => {
+            let added = admin
+                .add_pool(pb::AddPoolRequest {
+                    client_version: version(),
+                    pool: Some(pool_request(a)),
+                })
+                .await
+                .map_err(err)?
+                .into_inner()
+                .pool
+                .unwrap_or_default();
+            if cli.json {
+                print_json(&PoolSpecJson::from(&added))?;
+            } else {
+                println!(
+                    "added pool {} ({}, blocks /{}, namespaces {})",
+                    added.name,
+                    added.cidr,
+                    added.block_size,
+                    added.namespaces.join(",")
                 );
+            }
+        }
+        Cmd::Pool {
+            cmd: PoolCmd::Rm { name },
+        } => {
+            admin
+                .remove_pool(pb::RemovePoolRequest {
+                    client_version: version(),
+                    name: name.clone(),
+                })
+                .await
+                .map_err(err)?;
+            if cli.json {
+                print_json(&serde_json::json!({ "removed": name }))?;
+            } else {
+                println!("removed pool {name}");
             }
         }
         Cmd::Blocks { node, pool } => {
@@ -230,6 +295,7 @@ async fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                             b.size.to_string(),
                             b.allocated.to_string(),
                             b.cooling.to_string(),
+                            block_free(b).to_string(),
                             age(now_ms, b.claimed_unix_ms),
                         ]
                     })
@@ -242,6 +308,7 @@ async fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                         "SIZE",
                         "ALLOCATED",
                         "COOLING",
+                        "FREE",
                         "AGE",
                     ],
                     rows,
@@ -342,8 +409,123 @@ async fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 print_table(&["KIND", "DETAIL"], rows);
             }
         }
+        Cmd::Gc { dry_run } => {
+            let actions = admin
+                .collect_garbage(pb::CollectGarbageRequest {
+                    client_version: version(),
+                    dry_run: *dry_run,
+                })
+                .await
+                .map_err(err)?
+                .into_inner()
+                .actions;
+            print_actions(cli.json, *dry_run, &actions)?;
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn pool_request(a: &PoolAdd) -> pb::Pool {
+    pb::Pool {
+        name: a.name.clone(),
+        cidr: a.cidr.clone(),
+        // 0 lets ipamd pick its default.
+        block_size: a.block_size.map(u32::from).unwrap_or(0),
+        namespaces: a.namespaces.clone(),
+        nat_outgoing: a.nat_outgoing,
+        snat_address: a.snat_address.map(|ip| ip.to_string()).unwrap_or_default(),
+        isolated: a.isolated,
+        allow_from: a.allow_from.clone(),
+        is_default: false,
+    }
+}
+
+fn yes_no(b: bool) -> String {
+    if b { "yes" } else { "no" }.to_string()
+}
+
+fn or_dash(s: String) -> String {
+    if s.is_empty() { "-".to_string() } else { s }
+}
+
+fn pool_rows(pools: &[pb::PoolUsage]) -> Vec<Vec<String>> {
+    pools
+        .iter()
+        .map(|u| {
+            let p = u.pool.clone().unwrap_or_default();
+            vec![
+                p.name,
+                p.cidr,
+                format!("/{}", p.block_size),
+                if p.is_default {
+                    "(default)".to_string()
+                } else {
+                    p.namespaces.join(",")
+                },
+                yes_no(p.nat_outgoing),
+                or_dash(p.snat_address),
+                yes_no(p.isolated),
+                or_dash(p.allow_from.join(",")),
+                u.size.to_string(),
+                u.allocated.to_string(),
+                u.cooling.to_string(),
+                u.blocks.to_string(),
+            ]
+        })
+        .collect()
+}
+
+const POOL_HEADERS: [&str; 12] = [
+    "NAME",
+    "CIDR",
+    "BLOCK",
+    "NAMESPACES",
+    "NAT",
+    "SNAT",
+    "ISOLATED",
+    "ALLOW-FROM",
+    "SIZE",
+    "ALLOCATED",
+    "COOLING",
+    "BLOCKS",
+];
+
+fn print_pools(pools: &[pb::PoolUsage]) {
+    print_table(&POOL_HEADERS, pool_rows(pools));
+}
+
+fn print_actions(json: bool, dry_run: bool, actions: &[pb::Finding]) -> anyhow::Result<()> {
+    if json {
+        return print_json(
+            &actions
+                .iter()
+                .map(|f| FindingJson {
+                    kind: f.kind.clone(),
+                    detail: f.detail.clone(),
+                    allocation: f.allocation.as_ref().map(AllocationJson::from),
+                })
+                .collect::<Vec<_>>(),
+        );
+    }
+    if actions.is_empty() {
+        println!("nothing to collect");
+        return Ok(());
+    }
+    let rows = actions
+        .iter()
+        .map(|f| {
+            let allocation = f.allocation.as_ref().map_or("-".to_string(), |a| {
+                let j = AllocationJson::from(a);
+                format!("{} {} {}", j.ip, short_id(&j.container_id), j.ifname)
+            });
+            vec![f.kind.clone(), allocation, f.detail.clone()]
+        })
+        .collect();
+    print_table(&["KIND", "ALLOCATION", "DETAIL"], rows);
+    if dry_run {
+        println!("dry run: nothing was changed");
+    }
+    Ok(())
 }
 
 /// An IPv4 address (optionally with a prefix) is an IP; anything else is a
@@ -644,6 +826,37 @@ impl From<&pb::PoolUsage> for PoolJson {
     }
 }
 
+/// A pool without its use, as `pool add` prints it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PoolSpecJson {
+    name: String,
+    cidr: String,
+    block_size: u32,
+    namespaces: Vec<String>,
+    nat_outgoing: bool,
+    snat_address: String,
+    isolated: bool,
+    allow_from: Vec<String>,
+    is_default: bool,
+}
+
+impl From<&pb::Pool> for PoolSpecJson {
+    fn from(p: &pb::Pool) -> Self {
+        PoolSpecJson {
+            name: p.name.clone(),
+            cidr: p.cidr.clone(),
+            block_size: p.block_size,
+            namespaces: p.namespaces.clone(),
+            nat_outgoing: p.nat_outgoing,
+            snat_address: p.snat_address.clone(),
+            isolated: p.isolated,
+            allow_from: p.allow_from.clone(),
+            is_default: p.is_default,
+        }
+    }
+}
+
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct BlockJson {
@@ -653,7 +866,13 @@ struct BlockJson {
     size: u32,
     allocated: u32,
     cooling: u32,
+    free: u32,
     claimed_unix_ms: i64,
+}
+
+/// Addresses of the block that can be handed out now.
+fn block_free(b: &pb::Block) -> u32 {
+    b.size.saturating_sub(b.allocated).saturating_sub(b.cooling)
 }
 
 impl From<&pb::Block> for BlockJson {
@@ -665,6 +884,7 @@ impl From<&pb::Block> for BlockJson {
             size: b.size,
             allocated: b.allocated,
             cooling: b.cooling,
+            free: block_free(b),
             claimed_unix_ms: b.claimed_unix_ms,
         }
     }
@@ -709,6 +929,126 @@ mod tests {
         let c =
             Cli::try_parse_from(["ipamctl", "show", "10.0.0.1", "--socket", "/x.sock"]).unwrap();
         assert_eq!(c.socket, PathBuf::from("/x.sock"));
+    }
+
+    #[test]
+    fn pool_and_gc_commands_parse() {
+        let c = Cli::try_parse_from([
+            "ipamctl",
+            "pool",
+            "add",
+            "blue",
+            "10.50.0.0/24",
+            "--block-size",
+            "28",
+            "--namespace",
+            "a",
+            "--namespace",
+            "b",
+            "--nat-outgoing",
+            "--snat-address",
+            "192.0.2.7",
+            "--isolated",
+            "--allow-from",
+            "default",
+            "--json",
+        ])
+        .unwrap();
+        assert!(c.json);
+        let Cmd::Pool {
+            cmd: PoolCmd::Add(a),
+        } = &c.cmd
+        else {
+            panic!("{c:?}")
+        };
+        let p = pool_request(a);
+        assert_eq!(
+            (p.name.as_str(), p.cidr.as_str(), p.block_size),
+            ("blue", "10.50.0.0/24", 28)
+        );
+        assert_eq!(p.namespaces, ["a", "b"]);
+        assert!(p.nat_outgoing && p.isolated);
+        assert_eq!(p.snat_address, "192.0.2.7");
+        assert_eq!(p.allow_from, ["default"]);
+        assert!(
+            Cli::try_parse_from([
+                "ipamctl",
+                "pool",
+                "add",
+                "x",
+                "10.0.0.0/24",
+                "--snat-address",
+                "nope"
+            ])
+            .is_err()
+        );
+        for argv in [["ipamctl", "pool", "ls"], ["ipamctl", "pool", "list"]] {
+            let c = Cli::try_parse_from(argv).unwrap();
+            assert!(matches!(c.cmd, Cmd::Pool { cmd: PoolCmd::Ls }));
+        }
+        let c = Cli::try_parse_from(["ipamctl", "pool", "rm", "blue"]).unwrap();
+        assert!(matches!(c.cmd, Cmd::Pool { cmd: PoolCmd::Rm { ref name } } if name == "blue"));
+        let c = Cli::try_parse_from(["ipamctl", "gc", "--dry-run", "--json"]).unwrap();
+        assert!(c.json && matches!(c.cmd, Cmd::Gc { dry_run: true }));
+        let c = Cli::try_parse_from(["ipamctl", "gc"]).unwrap();
+        assert!(matches!(c.cmd, Cmd::Gc { dry_run: false }));
+    }
+
+    #[test]
+    fn pool_rows_show_every_option() {
+        let u = pb::PoolUsage {
+            pool: Some(pb::Pool {
+                name: "blue".into(),
+                cidr: "10.50.0.0/24".into(),
+                block_size: 28,
+                namespaces: vec!["a".into(), "b".into()],
+                nat_outgoing: true,
+                snat_address: "192.0.2.7".into(),
+                isolated: true,
+                allow_from: vec!["default".into()],
+                is_default: false,
+            }),
+            size: 254,
+            allocated: 3,
+            cooling: 1,
+            blocks: 1,
+        };
+        assert_eq!(
+            pool_rows(std::slice::from_ref(&u)),
+            vec![vec![
+                "blue",
+                "10.50.0.0/24",
+                "/28",
+                "a,b",
+                "yes",
+                "192.0.2.7",
+                "yes",
+                "default",
+                "254",
+                "3",
+                "1",
+                "1"
+            ]]
+        );
+        assert_eq!(pool_rows(&[u])[0].len(), POOL_HEADERS.len());
+        let v = serde_json::to_value(PoolJson::from(&pb::PoolUsage::default())).unwrap();
+        for k in [
+            "name",
+            "cidr",
+            "blockSize",
+            "namespaces",
+            "natOutgoing",
+            "snatAddress",
+            "isolated",
+            "allowFrom",
+            "isDefault",
+            "size",
+            "allocated",
+            "cooling",
+            "blocks",
+        ] {
+            assert!(v.get(k).is_some(), "missing {k}");
+        }
     }
 
     #[test]

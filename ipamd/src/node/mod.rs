@@ -16,10 +16,13 @@ use tokio::sync::Mutex;
 use crate::store::BoxFuture;
 
 mod netlink;
+pub mod scan;
 mod sysctl;
+mod unplug;
 
 pub use netlink::NodeNet;
 pub use sysctl::{IP_FORWARD, ensure_ip_forward};
+pub use unplug::Unplugger;
 
 /// Route protocol number marking ferry's routes, so that ferry only ever
 /// lists or removes routes it added itself.
@@ -49,10 +52,20 @@ pub enum NodeError {
     },
 }
 
-/// What reconcile needs from the host: the names of ferry's host veths.
+/// One of ferry's host veths.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HostLink {
+    pub name: String,
+    pub index: u32,
+}
+
+/// What reconcile and DEL need from the host: ferry's host veths.
 pub trait HostLinks: Send + Sync {
-    /// Names of links in this netns that start with `fry`.
-    fn fry_links(&self) -> BoxFuture<'_, Result<Vec<String>, NodeError>>;
+    /// Links in this netns whose names start with `fry`.
+    fn fry_links(&self) -> BoxFuture<'_, Result<Vec<HostLink>, NodeError>>;
+    /// Deletes the link with `link.index` if it still bears `link.name`.
+    /// False when it is gone or is now another link.
+    fn delete_link<'a>(&'a self, link: &'a HostLink) -> BoxFuture<'a, Result<bool, NodeError>>;
 }
 
 /// Blackhole routes for owned blocks, marked with [`ROUTE_PROTOCOL`].
@@ -175,26 +188,50 @@ pub mod fake {
 
     use ipnet::Ipv4Net;
 
-    use super::{BlockRoutes, HostLinks, NodeError};
+    use super::{BlockRoutes, HostLink, HostLinks, NodeError};
     use crate::store::BoxFuture;
 
     #[derive(Default)]
     pub struct FakeHost {
-        pub links: Mutex<Vec<String>>,
+        pub links: Mutex<Vec<HostLink>>,
+        pub deleted: Mutex<Vec<HostLink>>,
         pub routes: Mutex<BTreeSet<Ipv4Net>>,
         pub route_ops: Mutex<Vec<String>>,
     }
 
     impl FakeHost {
+        /// Index = 100 + position, stable for a name's position.
         pub fn set_links(&self, links: &[&str]) {
-            *self.links.lock().unwrap() = links.iter().map(|s| s.to_string()).collect();
+            *self.links.lock().unwrap() = links
+                .iter()
+                .zip(100..)
+                .map(|(name, index)| HostLink {
+                    name: name.to_string(),
+                    index,
+                })
+                .collect();
+        }
+
+        pub fn names(&self) -> Vec<String> {
+            let links = self.links.lock().unwrap();
+            links.iter().map(|l| l.name.clone()).collect()
         }
     }
 
     impl HostLinks for FakeHost {
-        fn fry_links(&self) -> BoxFuture<'_, Result<Vec<String>, NodeError>> {
+        fn fry_links(&self) -> BoxFuture<'_, Result<Vec<HostLink>, NodeError>> {
             let links = self.links.lock().unwrap().clone();
             Box::pin(async move { Ok(links) })
+        }
+        fn delete_link<'a>(&'a self, link: &'a HostLink) -> BoxFuture<'a, Result<bool, NodeError>> {
+            let mut links = self.links.lock().unwrap();
+            let before = links.len();
+            links.retain(|l| l != link);
+            let deleted = links.len() < before;
+            if deleted {
+                self.deleted.lock().unwrap().push(link.clone());
+            }
+            Box::pin(async move { Ok(deleted) })
         }
     }
 

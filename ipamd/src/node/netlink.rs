@@ -11,10 +11,11 @@ use netlink_packet_route::route::{
 };
 use rtnetlink::{Handle, RouteMessageBuilder};
 
-use super::{BlockRoutes, HostLinks, LinkInfo, NodeError, ROUTE_PROTOCOL, underlay_mtu};
+use super::{BlockRoutes, HostLink, HostLinks, LinkInfo, NodeError, ROUTE_PROTOCOL, underlay_mtu};
 use crate::store::BoxFuture;
 
 const EEXIST: i32 = libc::EEXIST;
+const ENODEV: i32 = libc::ENODEV;
 const ESRCH: i32 = libc::ESRCH;
 
 /// The node's netns as netlink shows it.
@@ -150,16 +151,44 @@ fn errno(e: &rtnetlink::Error) -> Option<i32> {
 }
 
 impl HostLinks for NodeNet {
-    fn fry_links(&self) -> BoxFuture<'_, Result<Vec<String>, NodeError>> {
+    fn fry_links(&self) -> BoxFuture<'_, Result<Vec<HostLink>, NodeError>> {
         Box::pin(async move {
             Ok(self
                 .links()
                 .await?
                 .iter()
                 .map(link_info)
-                .map(|l| l.name)
-                .filter(|n| n.starts_with(ferry_proto::HOST_VETH_PREFIX))
+                .filter(|l| l.name.starts_with(ferry_proto::HOST_VETH_PREFIX))
+                .map(|l| HostLink {
+                    name: l.name,
+                    index: l.index,
+                })
                 .collect())
+        })
+    }
+
+    fn delete_link<'a>(&'a self, link: &'a HostLink) -> BoxFuture<'a, Result<bool, NodeError>> {
+        Box::pin(async move {
+            let failed = |op: &str, source| NodeError::Netlink {
+                op: format!("{op} link {} (index {})", link.name, link.index),
+                source,
+            };
+            let mut replies = self.handle.link().get().match_index(link.index).execute();
+            let current = match replies.try_next().await {
+                Ok(Some(msg)) => link_info(&msg),
+                Ok(None) => return Ok(false),
+                Err(e) if errno(&e) == Some(ENODEV) => return Ok(false),
+                Err(e) => return Err(failed("get", e)),
+            };
+            // Indexes are not reused soon, but a name check costs nothing.
+            if current.name != link.name {
+                return Ok(false);
+            }
+            match self.handle.link().del(link.index).execute().await {
+                Ok(()) => Ok(true),
+                Err(e) if errno(&e) == Some(ENODEV) => Ok(false),
+                Err(e) => Err(failed("delete", e)),
+            }
         })
     }
 }

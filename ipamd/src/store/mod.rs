@@ -66,8 +66,43 @@ pub enum StoreError {
     },
     #[error("corrupt record {key:?}: {reason}")]
     Corrupt { key: String, reason: String },
+    /// The database opened, but holds less than was durable before.
+    #[error("database {path} lost durable state: {reason}")]
+    Lost {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     #[error("store is closed")]
     Closed,
+}
+
+impl StoreError {
+    /// True when the database itself is damaged (unreadable, truncated,
+    /// overwritten), so that rebuilding it is the way out; false for
+    /// errors a restart or an operator can fix (permissions, a full disk,
+    /// another process holding the lock).
+    pub fn is_damage(&self) -> bool {
+        use std::io::ErrorKind;
+        match self {
+            StoreError::Corrupt { .. } | StoreError::Lost { .. } => true,
+            StoreError::Sled(e) => match e {
+                ::sled::Error::Corruption { .. }
+                | ::sled::Error::ReportableBug(_)
+                | ::sled::Error::Unsupported(_) => true,
+                ::sled::Error::Io(io) => {
+                    matches!(io.kind(), ErrorKind::UnexpectedEof | ErrorKind::InvalidData)
+                }
+                _ => false,
+            },
+            StoreError::Io { source, .. } => {
+                matches!(
+                    source.kind(),
+                    ErrorKind::UnexpectedEof | ErrorKind::InvalidData
+                )
+            }
+            StoreError::Closed => false,
+        }
+    }
 }
 
 pub trait Store: Send + Sync {
@@ -83,4 +118,9 @@ pub trait Store: Send + Sync {
     /// fdatasync): from then on `apply` refuses every batch, so memory never
     /// runs ahead of what could be made durable, and ipamd must restart.
     fn health(&self) -> Result<(), StoreError>;
+    /// Something an operator must hear about until restart, such as a
+    /// database that was rebuilt at start; reported in the readiness reason.
+    fn notice(&self) -> Option<String> {
+        None
+    }
 }

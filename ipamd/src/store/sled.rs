@@ -7,19 +7,32 @@
 //! - `ips`:         ip octets -> allocation key (the reverse index)
 //! - `cooling`:     released_unix_ms (u64 BE) ++ ip octets -> empty,
 //!   so iteration order is FIFO release order.
+//! - `meta`:        `flushes` -> u64 BE, bumped by every group commit.
 //!
 //! Durability: sled 0.34's flush ends in `sync_file_range`, which does not
 //! flush the disk cache nor file metadata (spacejam/sled#1452). After each
 //! flush we therefore fdatasync sled's log file (`db/db`) and any blob files
-//! ourselves. One background thread does this for every waiter at once.
+//! ourselves. One background thread does this for every waiter at once
+//! (group commit); batches applied while it syncs wait for its next round.
+//! It is one thread on purpose: under CPU contention every extra thread
+//! hand-off in the commit path costs a scheduling delay.
+//!
+//! Loss detection: sled 0.34 opens a truncated or overwritten log without an
+//! error, recovering only the valid prefix (possibly nothing). So every
+//! commit also bumps `meta/flushes`, and `state_dir/db.flushes` keeps a
+//! lower bound of it (written at open and at a clean close). A database
+//! holding fewer flushes than that bound has lost durable state: `open`
+//! reports it as [`StoreError::Lost`], and ipamd rebuilds (see `recover`).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
+use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
+use std::time::SystemTime;
 
 use ::sled::transaction::{ConflictableTransactionError, TransactionError};
 use ::sled::{Transactional, Tree};
@@ -34,6 +47,14 @@ const TREE_BLOCKS: &str = "blocks";
 const TREE_ALLOCATIONS: &str = "allocations";
 const TREE_IPS: &str = "ips";
 const TREE_COOLING: &str = "cooling";
+const TREE_META: &str = "meta";
+const META_FLUSHES: &[u8] = b"flushes";
+/// Beside the database (not in it): the lower bound of `meta/flushes`.
+const FLUSHES_FILE: &str = "db.flushes";
+/// The bound's file as kept inside a moved-aside database directory.
+const FLUSHES_FILE_MOVED: &str = "ferry-flushes";
+/// Directory mtimes are coarse: see `Flusher::blobs_seen`.
+const BLOB_MTIME_MARGIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Debug, Clone, Default)]
 struct FlushState {
@@ -53,6 +74,7 @@ struct WriteState {
 }
 
 pub struct SledStore {
+    state_dir: PathBuf,
     dir: PathBuf,
     db: ::sled::Db,
     pools: Tree,
@@ -60,7 +82,9 @@ pub struct SledStore {
     allocations: Tree,
     ips: Tree,
     cooling: Tree,
-    /// Held across each transaction so that seq order is commit order.
+    meta: Tree,
+    shared: Arc<Shared>,
+    /// Held while a batch is queued so that seq order is queue order.
     write: Mutex<WriteState>,
     last_seq: Arc<AtomicU64>,
     flushed: watch::Receiver<FlushState>,
@@ -69,6 +93,9 @@ pub struct SledStore {
     /// Tests set it to make the next flush fail as a failed fdatasync would.
     #[cfg_attr(not(test), allow(dead_code))]
     fail_next_flush: Arc<AtomicBool>,
+    /// Set by recovery: what happened to the previous database, reported
+    /// in the readiness reason until restart.
+    notice: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -87,21 +114,88 @@ fn io_err(path: &Path, source: std::io::Error) -> StoreError {
     }
 }
 
+fn sync_path(p: &Path) -> Result<(), StoreError> {
+    File::open(p)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io_err(p, e))
+}
+
+/// The bound in `state_dir/db.flushes`; None when there is none yet.
+fn read_flush_bound(state_dir: &Path) -> Result<Option<u64>, StoreError> {
+    let path = state_dir.join(FLUSHES_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(s) => s.trim().parse().map(Some).map_err(|e| StoreError::Lost {
+            path: path.clone(),
+            reason: format!("{} does not hold a number ({e})", path.display()),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(&path, e)),
+    }
+}
+
+/// Replaces `state_dir/db.flushes` atomically and durably.
+fn write_flush_bound(state_dir: &Path, flushes: u64) -> Result<(), StoreError> {
+    let path = state_dir.join(FLUSHES_FILE);
+    let tmp = state_dir.join(format!("{FLUSHES_FILE}.tmp"));
+    File::create(&tmp)
+        .and_then(|mut f| {
+            writeln!(f, "{flushes}")?;
+            f.sync_all()
+        })
+        .map_err(|e| io_err(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))?;
+    sync_path(state_dir)
+}
+
+fn read_flushes(meta: &Tree) -> Result<u64, StoreError> {
+    match meta.get(META_FLUSHES)? {
+        None => Ok(0),
+        Some(v) => {
+            let b: [u8; 8] = v.as_ref().try_into().map_err(|_| {
+                corrupt(TREE_META, META_FLUSHES, format!("{} bytes, not 8", v.len()))
+            })?;
+            Ok(u64::from_be_bytes(b))
+        }
+    }
+}
+
 impl SledStore {
-    /// Opens (or creates) the database at `state_dir/db`.
+    /// Opens (or creates) the database at `state_dir/db`. Fails with
+    /// [`StoreError::Lost`] when the database holds less than was once
+    /// durable (truncated, overwritten or removed behind our back).
     pub fn open(state_dir: &Path) -> Result<SledStore, StoreError> {
         std::fs::create_dir_all(state_dir).map_err(|e| io_err(state_dir, e))?;
+        let bound = read_flush_bound(state_dir)?;
         let dir = state_dir.join("db");
-        let db = ::sled::Config::new().path(&dir).open()?;
+        // We flush (and fdatasync) ourselves; sled's own periodic flush
+        // would only add disk traffic to every commit's fdatasync.
+        let db = ::sled::Config::new()
+            .path(&dir)
+            .flush_every_ms(None)
+            .open()?;
+        let meta = db.open_tree(TREE_META)?;
+        let flushes = read_flushes(&meta)?;
+        if let Some(bound) = bound
+            && flushes < bound
+        {
+            return Err(StoreError::Lost {
+                path: dir,
+                reason: format!(
+                    "it holds {flushes} commits but {bound} were durable before; \
+                     it was truncated, overwritten or replaced"
+                ),
+            });
+        }
         let log_path = dir.join("db");
         let log = File::open(&log_path).map_err(|e| io_err(&log_path, e))?;
         // sled writes `conf` once at creation without syncing it; the log's
         // and conf's directory entries must survive a power loss too.
         log.sync_all().map_err(|e| io_err(&log_path, e))?;
         for p in [dir.join("conf"), dir.clone(), state_dir.to_path_buf()] {
-            File::open(&p)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| io_err(&p, e))?;
+            sync_path(&p)?;
+        }
+        if bound != Some(flushes) {
+            write_flush_bound(state_dir, flushes)?;
         }
 
         let cooling = db.open_tree(TREE_COOLING)?;
@@ -118,32 +212,53 @@ impl SledStore {
             }
         }
 
+        let pools = db.open_tree(TREE_POOLS)?;
+        let blocks = db.open_tree(TREE_BLOCKS)?;
+        let allocations = db.open_tree(TREE_ALLOCATIONS)?;
+        let ips = db.open_tree(TREE_IPS)?;
+        let shared = Arc::new(Shared {
+            trees: [
+                pools.clone(),
+                blocks.clone(),
+                allocations.clone(),
+                ips.clone(),
+                cooling.clone(),
+            ],
+            queue: Mutex::new(Vec::new()),
+            writer: Mutex::new(()),
+        });
         let last_seq = Arc::new(AtomicU64::new(0));
         let (state_tx, state_rx) = watch::channel(FlushState::default());
         let (wake_tx, wake_rx) = mpsc::channel();
         let fail_next_flush = Arc::new(AtomicBool::new(false));
-        let flusher = {
-            let flusher = Flusher {
-                db: db.clone(),
-                log,
-                log_path,
-                blobs: dir.join("blobs"),
-                last_seq: last_seq.clone(),
-                fail_next: fail_next_flush.clone(),
-            };
-            std::thread::Builder::new()
-                .name("ferry-store-flush".into())
-                .spawn(move || flusher.run(wake_rx, state_tx))
-                .map_err(|e| io_err(&dir, e))?
+        let flusher = Flusher {
+            shared: shared.clone(),
+            db: db.clone(),
+            meta: meta.clone(),
+            flushes,
+            last_seq: last_seq.clone(),
+            fail_next: fail_next_flush.clone(),
+            log,
+            log_path,
+            blobs: dir.join("blobs"),
+            blobs_seen: None,
+            synced_blobs: HashSet::new(),
         };
+        let flusher = std::thread::Builder::new()
+            .name("ferry-store-flush".into())
+            .spawn(move || flusher.run(wake_rx, state_tx))
+            .map_err(|e| io_err(&dir, e))?;
 
         Ok(SledStore {
-            pools: db.open_tree(TREE_POOLS)?,
-            blocks: db.open_tree(TREE_BLOCKS)?,
-            allocations: db.open_tree(TREE_ALLOCATIONS)?,
-            ips: db.open_tree(TREE_IPS)?,
+            pools,
+            blocks,
+            allocations,
+            ips,
             cooling,
+            meta,
+            shared,
             db,
+            state_dir: state_dir.to_path_buf(),
             dir,
             write: Mutex::new(WriteState { seq: 0, cooling_at }),
             last_seq,
@@ -151,7 +266,43 @@ impl SledStore {
             wake: Some(wake_tx),
             flusher: Some(flusher),
             fail_next_flush,
+            notice: Mutex::new(None),
         })
+    }
+
+    /// Renames `state_dir/db` to `state_dir/db.corrupt-<unix seconds>` (with
+    /// a `-N` suffix if taken) so that a fresh database can be created, and
+    /// moves the flush bound into it. Returns the new path. The database
+    /// must not be open.
+    pub fn move_aside(state_dir: &Path, now: SystemTime) -> Result<PathBuf, StoreError> {
+        let secs = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let from = state_dir.join("db");
+        let mut to = state_dir.join(format!("db.corrupt-{secs}"));
+        let mut n = 1;
+        while to.symlink_metadata().is_ok() {
+            to = state_dir.join(format!("db.corrupt-{secs}-{n}"));
+            n += 1;
+        }
+        match std::fs::rename(&from, &to) {
+            Ok(()) => {}
+            // Nothing to keep; the new directory still marks what happened.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(&to).map_err(|e| io_err(&to, e))?
+            }
+            Err(e) => return Err(io_err(&from, e)),
+        }
+        let bound = state_dir.join(FLUSHES_FILE);
+        match std::fs::rename(&bound, to.join(FLUSHES_FILE_MOVED)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&bound, e)),
+        }
+        sync_path(&to)?;
+        sync_path(state_dir)?;
+        Ok(to)
     }
 
     /// Makes the next flush fail, as a failed fdatasync would: the store is
@@ -180,8 +331,14 @@ impl SledStore {
         self.flushed.borrow().flushes
     }
 
+    /// Sets the text [`Store::notice`] reports until restart.
+    pub fn set_notice(&self, notice: String) {
+        *self.notice.lock().unwrap_or_else(|e| e.into_inner()) = Some(notice);
+    }
+
     /// The reverse index as stored, for consistency checks.
     pub fn ip_index(&self) -> Result<Vec<(Ipv4Addr, AllocKey)>, StoreError> {
+        self.shared.write_queued()?;
         let mut out = Vec::new();
         for item in self.ips.iter() {
             let (k, v) = item?;
@@ -204,37 +361,54 @@ impl Drop for SledStore {
         {
             error!("store flusher thread panicked");
         }
-        if let Err(e) = self.db.flush() {
+        // A clean close leaves the tightest bound for the next open. Only
+        // what is durable may be promised, and never after a failed sync.
+        if self.health().is_err() {
+            return;
+        }
+        let closed = self.shared.write_queued().and_then(|()| {
+            let n = read_flushes(&self.meta)?;
+            self.db.flush()?;
+            sync_path(&self.dir.join("db"))?;
+            write_flush_bound(&self.state_dir, n)
+        });
+        if let Err(e) = closed {
             error!(error = %e, "final store flush failed");
         }
     }
 }
 
-/// The background flusher's handles.
+/// The background flusher: one sled flush and one fdatasync for every
+/// batch applied since the last one.
 struct Flusher {
+    shared: Arc<Shared>,
     db: ::sled::Db,
+    meta: Tree,
+    /// `meta/flushes` as last written.
+    flushes: u64,
+    last_seq: Arc<AtomicU64>,
+    fail_next: Arc<AtomicBool>,
     log: File,
     log_path: PathBuf,
     blobs: PathBuf,
-    last_seq: Arc<AtomicU64>,
-    fail_next: Arc<AtomicBool>,
+    /// The blob directory's mtime when it was last listed, if the listing
+    /// began well after that mtime: a new blob file then gives the
+    /// directory a newer mtime (timestamps are coarse, hence the margin),
+    /// so an unchanged mtime means nothing new to sync.
+    blobs_seen: Option<SystemTime>,
+    synced_blobs: HashSet<PathBuf>,
 }
 
 impl Flusher {
-    fn run(self, wake: mpsc::Receiver<()>, state: watch::Sender<FlushState>) {
-        let mut synced_blobs: HashSet<PathBuf> = HashSet::new();
+    fn run(mut self, wake: mpsc::Receiver<()>, state: watch::Sender<FlushState>) {
         while wake.recv().is_ok() {
             // Everyone who asked so far is served by this one flush.
             while wake.try_recv().is_ok() {}
             let target = self.last_seq.load(Ordering::SeqCst);
-            {
-                let s = state.borrow();
-                if s.error.is_some() || s.flushed >= target {
-                    continue;
-                }
+            if state.borrow().flushed >= target {
+                continue;
             }
-            let res = self.flush(&mut synced_blobs);
-            match res {
+            match self.flush() {
                 Ok(()) => {
                     debug!(seq = target, "store flushed");
                     state.send_modify(|s| {
@@ -245,58 +419,79 @@ impl Flusher {
                 Err(e) => {
                     error!(error = %e, "store flush failed; durability can no longer be promised");
                     state.send_modify(|s| s.error = Some(e));
+                    // Sticky: nothing more is flushed.
+                    return;
                 }
             }
         }
     }
 
-    fn flush(&self, synced_blobs: &mut HashSet<PathBuf>) -> Result<(), String> {
+    fn flush(&mut self) -> Result<(), String> {
         if self.fail_next.swap(false, Ordering::SeqCst) {
             return Err(format!(
                 "fdatasync {}: injected failure",
                 self.log_path.display()
             ));
         }
-        self.db
-            .flush()
-            .map_err(|e| format!("sled flush: {e}"))
-            .and_then(|_| {
-                self.log
-                    .sync_data()
-                    .map_err(|e| format!("fdatasync {}: {e}", self.log_path.display()))
-            })
-            .and_then(|()| sync_blobs(&self.blobs, synced_blobs))
+        self.shared
+            .write_queued()
+            .map_err(|e| format!("sled write: {e}"))?;
+        // The bump lands in the log after every batch up to the target, so
+        // a log holding it holds them too (sled recovers a prefix).
+        self.flushes += 1;
+        self.meta
+            .insert(META_FLUSHES, &self.flushes.to_be_bytes())
+            .and_then(|_| self.db.flush())
+            .map_err(|e| format!("sled flush: {e}"))?;
+        self.log
+            .sync_data()
+            .map_err(|e| format!("fdatasync {}: {e}", self.log_path.display()))?;
+        self.sync_blobs()
     }
-}
 
-/// sled writes large values as separate blob files and does not sync them.
-fn sync_blobs(dir: &Path, synced: &mut HashSet<PathBuf>) -> Result<(), String> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(format!("read {}: {e}", dir.display())),
-    };
-    let mut live = HashSet::new();
-    let mut new = false;
-    for entry in entries {
-        let path = entry
-            .map_err(|e| format!("read {}: {e}", dir.display()))?
-            .path();
-        if !synced.contains(&path) {
-            File::open(&path)
-                .and_then(|f| f.sync_data())
-                .map_err(|e| format!("fdatasync {}: {e}", path.display()))?;
-            new = true;
+    /// sled writes large values as separate blob files and does not sync them.
+    fn sync_blobs(&mut self) -> Result<(), String> {
+        let dir = &self.blobs;
+        let mtime = match std::fs::metadata(dir).and_then(|m| m.modified()) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(format!("stat {}: {e}", dir.display())),
+        };
+        if self.blobs_seen == Some(mtime) {
+            return Ok(());
         }
-        live.insert(path);
+        let listed_at = SystemTime::now();
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(format!("read {}: {e}", dir.display())),
+        };
+        let mut live = HashSet::new();
+        let mut new = false;
+        for entry in entries {
+            let path = entry
+                .map_err(|e| format!("read {}: {e}", dir.display()))?
+                .path();
+            if !self.synced_blobs.contains(&path) {
+                File::open(&path)
+                    .and_then(|f| f.sync_data())
+                    .map_err(|e| format!("fdatasync {}: {e}", path.display()))?;
+                new = true;
+            }
+            live.insert(path);
+        }
+        if new {
+            File::open(dir)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| format!("fsync {}: {e}", dir.display()))?;
+        }
+        self.synced_blobs = live;
+        self.blobs_seen = mtime
+            .checked_add(BLOB_MTIME_MARGIN)
+            .filter(|t| *t < listed_at)
+            .map(|_| mtime);
+        Ok(())
     }
-    if new {
-        File::open(dir)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| format!("fsync {}: {e}", dir.display()))?;
-    }
-    *synced = live;
-    Ok(())
 }
 
 // ------------------------------------------------------------------ codecs
@@ -438,6 +633,7 @@ enum Op {
 
 const POOLS: usize = 0;
 const BLOCKS: usize = 1;
+const COOLING: usize = 2;
 
 fn encode(batch: &[Mutation]) -> Result<Vec<Op>, StoreError> {
     batch
@@ -486,8 +682,100 @@ fn encode(batch: &[Mutation]) -> Result<Vec<Op>, StoreError> {
 
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
 
+/// What `apply` and the flusher share: the batches applied but not yet
+/// written to sled, and the trees to write them to.
+///
+/// Why a queue: in sled 0.34 a transaction takes a global write lock that
+/// `flush` holds (read) for as long as the disk write takes. Writing in
+/// `apply` would stall every request, and the allocator lock it runs
+/// under, for each flush. Instead the flusher writes all queued batches in
+/// one transaction (atomic, in order) right before it flushes, on its own
+/// thread; `apply` only queues.
+struct Shared {
+    trees: [Tree; 5],
+    queue: Mutex<Vec<Op>>,
+    /// Held while queued ops are taken and written, so that they reach
+    /// sled in queue order whoever writes them.
+    writer: Mutex<()>,
+}
+
+impl Shared {
+    /// Writes every queued op to sled in one transaction.
+    fn write_queued(&self) -> Result<(), StoreError> {
+        let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let ops = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()));
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let res = self.transact(&ops);
+        if res.is_err() {
+            // All or nothing: keep them queued, in order, for the next try.
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            let later = std::mem::replace(&mut *q, ops);
+            q.extend(later);
+        }
+        res
+    }
+
+    fn transact(&self, ops: &[Op]) -> Result<(), StoreError> {
+        let [pools, blocks, allocations, ips, cooling] = &self.trees;
+        let res = (pools, blocks, allocations, ips, cooling).transaction(
+            |(pools, blocks, allocs, ips, cooling)| {
+                let tree = |t: usize| match t {
+                    POOLS => pools,
+                    BLOCKS => blocks,
+                    _ => cooling,
+                };
+                for op in ops {
+                    match op {
+                        Op::Put {
+                            tree: t,
+                            key,
+                            value,
+                        } => {
+                            tree(*t).insert(key.as_slice(), value.as_slice())?;
+                        }
+                        Op::Del { tree: t, key } => {
+                            tree(*t).remove(key.as_slice())?;
+                        }
+                        Op::PutAllocation { key, ip, value } => {
+                            if let Some(old) = allocs.insert(key.as_slice(), value.as_slice())? {
+                                let old: Allocation = decode_json(TREE_ALLOCATIONS, key, &old)
+                                    .map_err(ConflictableTransactionError::Abort)?;
+                                let old_ip = old.ip.octets();
+                                if old_ip != *ip
+                                    && ips.get(old_ip)?.as_deref() == Some(key.as_slice())
+                                {
+                                    ips.remove(&old_ip)?;
+                                }
+                            }
+                            ips.insert(ip, key.as_slice())?;
+                        }
+                        Op::DeleteAllocation { key, ip } => {
+                            allocs.remove(key.as_slice())?;
+                            if ips.get(ip)?.as_deref() == Some(key.as_slice()) {
+                                ips.remove(ip)?;
+                            }
+                        }
+                        // Resolved to Put/Del in `apply`.
+                        Op::PutCooling { .. } | Op::DeleteCooling { .. } => {}
+                    }
+                }
+                TxResult::Ok(())
+            },
+        );
+        match res {
+            Ok(()) => Ok(()),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(StoreError::Sled(e)),
+        }
+    }
+}
+
 impl Store for SledStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
+        // Everything applied so far, as sled will hold it once flushed.
+        self.shared.write_queued()?;
         let mut snap = Snapshot::default();
         for item in self.pools.iter() {
             let (k, v) = item?;
@@ -573,80 +861,49 @@ impl Store for SledStore {
         // Poisoned: nothing written now could be made durable, and the core
         // applies a batch to memory only when this succeeds.
         self.health()?;
-        let cooling_at = &w.cooling_at;
-        let res = (
-            &self.pools,
-            &self.blocks,
-            &self.allocations,
-            &self.ips,
-            &self.cooling,
-        )
-            .transaction(|(pools, blocks, allocs, ips, cooling)| {
-                // Changes to the cooling-time index, published after commit.
-                let mut overlay: HashMap<Ipv4Addr, Option<i64>> = HashMap::new();
-                let cooling_time =
-                    |overlay: &HashMap<Ipv4Addr, Option<i64>>, ip: &Ipv4Addr| match overlay.get(ip)
-                    {
-                        Some(t) => *t,
-                        None => cooling_at.get(ip).copied(),
-                    };
-                for op in &ops {
-                    match op {
-                        Op::Put { tree, key, value } => {
-                            let t = if *tree == POOLS { pools } else { blocks };
-                            t.insert(key.as_slice(), value.as_slice())?;
-                        }
-                        Op::Del { tree, key } => {
-                            let t = if *tree == POOLS { pools } else { blocks };
-                            t.remove(key.as_slice())?;
-                        }
-                        Op::PutAllocation { key, ip, value } => {
-                            if let Some(old) = allocs.insert(key.as_slice(), value.as_slice())? {
-                                let old: Allocation = decode_json(TREE_ALLOCATIONS, key, &old)
-                                    .map_err(ConflictableTransactionError::Abort)?;
-                                let old_ip = old.ip.octets();
-                                if old_ip != *ip
-                                    && ips.get(old_ip)?.as_deref() == Some(key.as_slice())
-                                {
-                                    ips.remove(&old_ip)?;
-                                }
-                            }
-                            ips.insert(ip, key.as_slice())?;
-                        }
-                        Op::DeleteAllocation { key, ip } => {
-                            allocs.remove(key.as_slice())?;
-                            if ips.get(ip)?.as_deref() == Some(key.as_slice()) {
-                                ips.remove(ip)?;
-                            }
-                        }
-                        Op::PutCooling { ip, t } => {
-                            if let Some(old) = cooling_time(&overlay, ip) {
-                                cooling.remove(&cooling_key(old, *ip))?;
-                            }
-                            cooling.insert(&cooling_key(*t, *ip), &[])?;
-                            overlay.insert(*ip, Some(*t));
-                        }
-                        Op::DeleteCooling { ip } => {
-                            if let Some(old) = cooling_time(&overlay, ip) {
-                                cooling.remove(&cooling_key(old, *ip))?;
-                            }
-                            overlay.insert(*ip, None);
-                        }
+        // The one thing the transaction could trip over is a corrupt
+        // allocation it replaces: find it now, while refusing changes nothing.
+        for op in &ops {
+            if let Op::PutAllocation { key, .. } = op
+                && let Some(old) = self.allocations.get(key)?
+            {
+                decode_json::<Allocation>(TREE_ALLOCATIONS, key, &old)?;
+            }
+        }
+        // Cooling entries are keyed by time: resolve them to plain puts and
+        // deletes with the time index, which is thereby up to date at once.
+        let mut queued = Vec::with_capacity(ops.len() + 1);
+        for op in ops {
+            match op {
+                Op::PutCooling { ip, t } => {
+                    if let Some(old) = w.cooling_at.insert(ip, t) {
+                        queued.push(Op::Del {
+                            tree: COOLING,
+                            key: cooling_key(old, ip).to_vec(),
+                        });
+                    }
+                    queued.push(Op::Put {
+                        tree: COOLING,
+                        key: cooling_key(t, ip).to_vec(),
+                        value: Vec::new(),
+                    });
+                }
+                Op::DeleteCooling { ip } => {
+                    if let Some(old) = w.cooling_at.remove(&ip) {
+                        queued.push(Op::Del {
+                            tree: COOLING,
+                            key: cooling_key(old, ip).to_vec(),
+                        });
                     }
                 }
-                TxResult::Ok(overlay)
-            });
-        let overlay = match res {
-            Ok(o) => o,
-            Err(TransactionError::Abort(e)) => return Err(e),
-            Err(TransactionError::Storage(e)) => return Err(StoreError::Sled(e)),
-        };
-        for (ip, t) in overlay {
-            match t {
-                Some(t) => w.cooling_at.insert(ip, t),
-                None => w.cooling_at.remove(&ip),
-            };
+                other => queued.push(other),
+            }
         }
+        self.shared
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(queued);
         w.seq += 1;
         let seq = w.seq;
         self.last_seq.store(seq, Ordering::SeqCst);
@@ -688,6 +945,13 @@ impl Store for SledStore {
             None => Ok(()),
         }
     }
+
+    fn notice(&self) -> Option<String> {
+        self.notice
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 #[cfg(test)]
@@ -707,6 +971,7 @@ mod tests {
             snat_address: None,
             isolated: false,
             allow_from: vec![],
+            runtime: true,
         }
     }
 
@@ -950,5 +1215,111 @@ mod tests {
         }
         // The first flush covers every batch applied before it started.
         assert_eq!(s.flush_count() - before, 1);
+    }
+
+    /// What sled 0.34 itself does with a damaged log: it opens it without
+    /// an error, keeping only the valid prefix. The flush bound catches it.
+    #[tokio::test]
+    async fn truncated_or_overwritten_log_is_reported_lost() {
+        use std::os::unix::fs::FileExt;
+        type Damage = (&'static str, fn(&Path));
+        let damage: [Damage; 3] = [
+            ("truncated to 0", |log| {
+                File::options()
+                    .write(true)
+                    .open(log)
+                    .unwrap()
+                    .set_len(0)
+                    .unwrap()
+            }),
+            ("truncated to 300 bytes", |log| {
+                File::options()
+                    .write(true)
+                    .open(log)
+                    .unwrap()
+                    .set_len(300)
+                    .unwrap()
+            }),
+            ("head overwritten", |log| {
+                File::options()
+                    .write(true)
+                    .open(log)
+                    .unwrap()
+                    .write_all_at(&[0xA5; 512], 0)
+                    .unwrap()
+            }),
+        ];
+        for (what, hurt) in damage {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let s = SledStore::open(dir.path()).unwrap();
+                s.apply(&[Mutation::PutPool(pool()), Mutation::PutBlock(block())])
+                    .unwrap();
+                for i in 1..=20u8 {
+                    let seq = s.apply(&[Mutation::PutAllocation(alloc(i))]).unwrap();
+                    s.durable(seq).await.unwrap();
+                }
+            }
+            // A clean reopen is fine and keeps everything.
+            assert_eq!(
+                SledStore::open(dir.path())
+                    .unwrap()
+                    .load()
+                    .unwrap()
+                    .allocations
+                    .len(),
+                20,
+                "{what}"
+            );
+            hurt(&dir.path().join("db").join("db"));
+            match SledStore::open(dir.path()) {
+                Err(e @ StoreError::Lost { .. }) => assert!(e.is_damage(), "{what}: {e}"),
+                Err(e) => assert!(e.is_damage(), "{what}: not damage: {e}"),
+                Ok(s) => panic!(
+                    "{what}: opened with {} allocations",
+                    s.load().map(|l| l.allocations.len()).unwrap_or(0)
+                ),
+            }
+            // Moved aside, a fresh database opens, and so does the next start.
+            let moved = SledStore::move_aside(dir.path(), SystemTime::UNIX_EPOCH).unwrap();
+            assert_eq!(moved, dir.path().join("db.corrupt-0"));
+            assert!(moved.join("db").is_file() && moved.join(FLUSHES_FILE_MOVED).is_file());
+            assert!(
+                SledStore::open(dir.path())
+                    .unwrap()
+                    .load()
+                    .unwrap()
+                    .allocations
+                    .is_empty()
+            );
+            SledStore::open(dir.path()).unwrap();
+            // A second move in the same second does not clobber the first.
+            let again = SledStore::move_aside(dir.path(), SystemTime::UNIX_EPOCH).unwrap();
+            assert_eq!(again, dir.path().join("db.corrupt-0-1"));
+        }
+    }
+
+    #[test]
+    fn garbage_conf_is_damage_and_other_errors_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(SledStore::open(dir.path()).unwrap());
+        std::fs::write(dir.path().join("db").join("conf"), b"\xff garbage").unwrap();
+        let e = SledStore::open(dir.path()).unwrap_err();
+        assert!(e.is_damage(), "{e}");
+        let denied = StoreError::Io {
+            path: dir.path().into(),
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        };
+        assert!(!denied.is_damage());
+        assert!(!StoreError::Closed.is_damage());
+    }
+
+    #[test]
+    fn notice_is_kept_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(s.notice(), None);
+        s.set_notice("rebuilt".into());
+        assert_eq!(s.notice().as_deref(), Some("rebuilt"));
     }
 }

@@ -28,6 +28,9 @@ pub mod request;
 pub mod result;
 pub mod version;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 pub use error::CniError;
 pub use request::{Attachment, GcRequest, Request, StatusRequest};
 pub use version::CniVersion;

@@ -11,6 +11,7 @@ use super::{Attached, Dataplane, DataplaneError, PodLink};
 pub enum Call {
     Setup(PodLink),
     Teardown { host_veth: String },
+    LinkIndex { host_veth: String },
     Check(PodLink),
 }
 
@@ -24,6 +25,8 @@ pub struct FakeDataplane {
     pub fail_setup: Option<Failure>,
     pub fail_teardown: Option<Failure>,
     pub fail_check: Option<Failure>,
+    /// What `host_link_index` answers; `None`: no such link.
+    pub host_index: Option<u32>,
 }
 
 pub const HOST_MAC: [u8; 6] = [0xee, 0xee, 0xee, 0xee, 0xee, 0xee];
@@ -70,6 +73,13 @@ impl Dataplane for FakeDataplane {
             Some(fail) => Err(fail()),
             None => Ok(()),
         }
+    }
+
+    fn host_link_index(&self, host_veth: &str) -> Result<Option<u32>, DataplaneError> {
+        self.log().push(Call::LinkIndex {
+            host_veth: host_veth.to_string(),
+        });
+        Ok(self.host_index)
     }
 
     fn check(&self, link: &PodLink) -> Result<(), DataplaneError> {

@@ -69,6 +69,13 @@ impl Dataplane for LinuxDataplane {
         result
     }
 
+    fn host_link_index(&self, host_veth: &str) -> Result<Option<u32>, DataplaneError> {
+        drive(async {
+            let host = nl::connect()?;
+            Ok(nl::link_by_name(&host, host_veth).await?.map(|l| l.index))
+        })
+    }
+
     fn check(&self, link: &PodLink) -> Result<(), DataplaneError> {
         drive(check(link))
     }
@@ -81,6 +88,7 @@ fn drive<T: Send>(
     let run = move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_io()
+            .enable_time()
             .build()
             .map_err(|e| DataplaneError::Netlink {
                 op: "start netlink runtime".into(),
@@ -150,18 +158,37 @@ async fn setup(link: &PodLink) -> Result<Attached, DataplaneError> {
     let mut pod = PodNetns::start(Arc::clone(&netns), &link.netns)?;
 
     // ifname first: if it exists, our host veth of the same name may be its
-    // live peer, and deleting that as "stale" would unplug a running pod.
-    let ifname = link.ifname.clone();
-    if pod
-        .run(move |h| async move { nl::link_by_name(&h, &ifname).await })
-        .await?
-        .is_some()
-    {
+    // live peer, and deleting that as "stale" would unplug a running pod -
+    // unless the address was just allocated, which proves that veth's own
+    // attachment was released.
+    let mut stale_removed = false;
+    let mut waited = false;
+    loop {
+        let ifname = link.ifname.clone();
+        let Some(existing) = pod
+            .run(move |h| async move { nl::link_by_name(&h, &ifname).await })
+            .await?
+        else {
+            break;
+        };
         let attached = nl::link_by_name(&host, &link.host_veth).await?.is_some();
+        if attached && link.replace_stale && !stale_removed {
+            stale_removed = true;
+            nl::delete_link_by_name(&host, &link.host_veth).await?;
+            debug!(host_veth = %link.host_veth, "removed the stale veth pair of a released attachment");
+            continue;
+        }
+        // Another attachment's ferry pair, its DEL done and its host veth
+        // queued for deletion in ipamd: wait for it, briefly.
+        if !attached && !waited && peered_to_a_ferry_veth(&host, &existing).await? {
+            waited = true;
+            wait_until_gone(&mut pod, &link.ifname, DEPARTING_PAIR_WAIT).await?;
+            continue;
+        }
         return Err(interface_exists(link, attached));
     }
     // A host veth left by an earlier ADD would block the deterministic name.
-    if nl::delete_link_by_name(&host, &link.host_veth).await? {
+    if !stale_removed && nl::delete_link_by_name(&host, &link.host_veth).await? {
         debug!(host_veth = %link.host_veth, "removed stale host veth");
     }
 
@@ -185,6 +212,46 @@ async fn setup(link: &PodLink) -> Result<Attached, DataplaneError> {
             Err(e)
         }
     }
+}
+
+/// How long ADD waits for a departing ferry pair to leave the pod's
+/// interface name free; ipamd deletes them within milliseconds.
+const DEPARTING_PAIR_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A veth in the pod whose peer, in the node netns, is one of ferry's host
+/// veths. A peer in the pod's own netns is someone else's pair.
+async fn peered_to_a_ferry_veth(
+    host: &Handle,
+    pod_link: &nl::Link,
+) -> Result<bool, DataplaneError> {
+    let (true, Some(peer), Some(_)) =
+        (pod_link.is_veth, pod_link.peer_index, pod_link.peer_netnsid)
+    else {
+        return Ok(false);
+    };
+    Ok(nl::link_by_index(host, peer)
+        .await?
+        .is_some_and(|l| l.name.starts_with(ferry_proto::HOST_VETH_PREFIX)))
+}
+
+async fn wait_until_gone(
+    pod: &mut PodNetns,
+    ifname: &str,
+    limit: std::time::Duration,
+) -> Result<(), DataplaneError> {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        let name = ifname.to_string();
+        let present = pod
+            .run(move |h| async move { nl::link_by_name(&h, &name).await })
+            .await?
+            .is_some();
+        if !present {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    Ok(())
 }
 
 fn interface_exists(link: &PodLink, attached: bool) -> DataplaneError {

@@ -21,6 +21,11 @@ pub struct PodLink {
     pub addresses: Vec<Ipv4Net>,
     pub gateway: Ipv4Addr,
     pub mtu: u32,
+    /// The address was allocated afresh, so a host veth of this name is
+    /// left from an attachment whose address was released (its DEL's
+    /// background delete not done yet, or lost in a crash): setup replaces
+    /// it even when `ifname` in the pod is its peer.
+    pub replace_stale: bool,
 }
 
 /// What ADD reports back in the CNI result.
@@ -74,6 +79,10 @@ pub trait Dataplane: Sync {
     /// is touched: an interface there without our host end belongs to
     /// someone else.
     fn teardown(&self, host_veth: &str) -> Result<(), DataplaneError>;
+
+    /// The ifindex of the host veth, `None` when it does not exist. DEL hands
+    /// it to ipamd, which deletes the link by that index.
+    fn host_link_index(&self, host_veth: &str) -> Result<Option<u32>, DataplaneError>;
 
     /// Verifies the interfaces, addresses and routes of both sides.
     fn check(&self, link: &PodLink) -> Result<(), DataplaneError>;

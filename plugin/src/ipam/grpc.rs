@@ -174,6 +174,7 @@ impl IpamClient for GrpcIpam {
             gateway,
             mtu: resp.mtu,
             pool: resp.pool,
+            created: resp.created,
         })
     }
 
@@ -185,6 +186,24 @@ impl IpamClient for GrpcIpam {
         };
         self.call(|mut c| async move { c.release(req).await })?;
         Ok(())
+    }
+
+    fn release_and_unplug(
+        &self,
+        key: &Key,
+        host_veth: &str,
+        ifindex: u32,
+    ) -> Result<bool, IpamClientError> {
+        let req = pb::ReleaseRequest {
+            client_version: ferry_proto::CLIENT_VERSION.to_string(),
+            key: Some(pb_key(key)),
+            host_link: Some(pb::HostLink {
+                name: host_veth.to_string(),
+                ifindex,
+            }),
+        };
+        let resp = self.call(|mut c| async move { c.release(req).await })?;
+        Ok(resp.unplug_queued)
     }
 
     fn check(&self, key: &Key) -> Result<Option<Vec<Ipv4Net>>, IpamClientError> {

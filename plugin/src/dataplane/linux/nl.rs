@@ -18,21 +18,31 @@ use crate::dataplane::DataplaneError;
 #[derive(Debug, Clone)]
 pub(super) struct Link {
     pub index: u32,
+    pub name: String,
     pub mac: Option<[u8; 6]>,
     pub up: bool,
     pub is_veth: bool,
+    /// IFLA_LINK: a veth's peer index, in `peer_netnsid`'s netns if set.
+    pub peer_index: Option<u32>,
+    pub peer_netnsid: Option<i32>,
 }
 
 impl Link {
     fn from_message(msg: &LinkMessage) -> Self {
         let mut link = Link {
             index: msg.header.index,
+            name: String::new(),
             mac: None,
             up: msg.header.flags.contains(LinkFlags::Up),
             is_veth: false,
+            peer_index: None,
+            peer_netnsid: None,
         };
         for attr in &msg.attributes {
             match attr {
+                LinkAttribute::IfName(name) => link.name = name.clone(),
+                LinkAttribute::Link(index) => link.peer_index = Some(*index),
+                LinkAttribute::LinkNetNsId(id) => link.peer_netnsid = Some(*id),
                 LinkAttribute::Address(bytes) => link.mac = <[u8; 6]>::try_from(&bytes[..]).ok(),
                 LinkAttribute::LinkInfo(infos) => {
                     link.is_veth = infos
@@ -86,6 +96,17 @@ pub(super) async fn link_by_name(h: &Handle, name: &str) -> Result<Option<Link>,
         Ok(None) => Ok(None),
         Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
         Err(e) => Err(failed(format!("get link {name}"), e)),
+    }
+}
+
+/// RTM_GETLINK by index; `None` when there is no such link.
+pub(super) async fn link_by_index(h: &Handle, index: u32) -> Result<Option<Link>, DataplaneError> {
+    let mut replies = h.link().get().match_index(index).execute();
+    match replies.try_next().await {
+        Ok(Some(msg)) => Ok(Some(Link::from_message(&msg))),
+        Ok(None) => Ok(None),
+        Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+        Err(e) => Err(failed(format!("get link {index}"), e)),
     }
 }
 

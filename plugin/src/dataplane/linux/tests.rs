@@ -143,6 +143,7 @@ impl World {
             addresses: vec![Ipv4Net::new(ip.parse().expect("ip"), 32).expect("net")],
             gateway: Ipv4Addr::new(169, 254, 1, 1),
             mtu: 1480,
+            replace_stale: false,
         }
     }
 
@@ -281,6 +282,66 @@ fn stale_host_veth_is_replaced() {
 }
 
 #[test]
+fn a_released_attachments_live_pair_is_replaced_only_for_a_fresh_address() {
+    if !privileged() {
+        return;
+    }
+    let w = World::new(1);
+    let dp = LinuxDataplane::new();
+    let old = w.link(0, "10.244.0.20");
+    w.node.enter(|| dp.setup(&old)).expect("first setup");
+    // DEL released the address; its veth pair is still there (deleted in the
+    // background). A retried ADD holding the same address is a live pod.
+    let retried = w.node.enter(|| dp.setup(&old));
+    assert!(
+        matches!(
+            retried,
+            Err(DataplaneError::InterfaceExists { attached: true, .. })
+        ),
+        "{retried:?}"
+    );
+    let fresh = PodLink {
+        addresses: vec![Ipv4Net::new("10.244.0.21".parse().expect("ip"), 32).expect("net")],
+        replace_stale: true,
+        ..old.clone()
+    };
+    w.node
+        .enter(|| dp.setup(&fresh))
+        .expect("setup over the stale pair");
+    w.node.enter(|| dp.check(&fresh)).expect("check");
+    let routes = w.node.ip(&["-4", "route", "show"]);
+    assert!(!routes.contains("10.244.0.20"), "{routes}");
+}
+
+#[test]
+fn add_waits_for_another_attachments_departing_pair() {
+    if !privileged() {
+        return;
+    }
+    let w = World::new(1);
+    let dp = LinuxDataplane::new();
+    let old = w.link(0, "10.244.0.30");
+    w.node.enter(|| dp.setup(&old)).expect("first setup");
+    // A new container's ADD into the same netns while the old pair is still
+    // queued for deletion in ipamd (here: deleted from another thread).
+    let new = PodLink {
+        host_veth: "fry0testnew01".into(),
+        addresses: vec![Ipv4Net::new("10.244.0.31".parse().expect("ip"), 32).expect("net")],
+        ..old.clone()
+    };
+    let node = &w.node;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            node.ip(&["link", "del", &old.host_veth]);
+        });
+        node.enter(|| dp.setup(&new))
+            .expect("setup after the old pair left");
+    });
+    w.node.enter(|| dp.check(&new)).expect("check");
+}
+
+#[test]
 fn existing_pod_interface_is_an_error_and_left_alone() {
     if !privileged() {
         return;
@@ -352,6 +413,7 @@ impl World {
             addresses: vec![Ipv4Net::new(ip.parse().expect("ip"), 32).expect("net")],
             gateway: Ipv4Addr::new(169, 254, 1, 1),
             mtu: 0,
+            replace_stale: false,
         }
     }
 }
@@ -394,6 +456,32 @@ fn teardown_twice_is_ok() {
     assert!(!pod_links.contains("eth0"), "{pod_links}");
     let node_routes = w.node.ip(&["-4", "route", "show"]);
     assert!(!node_routes.contains("10.244.0.8"), "{node_routes}");
+}
+
+#[test]
+fn host_link_index_finds_the_host_veth_until_it_is_gone() {
+    if !privileged() {
+        return;
+    }
+    let w = World::new(1);
+    let link = w.link(0, "10.244.0.9");
+    let dp = LinuxDataplane::new();
+    w.node.enter(|| dp.setup(&link)).expect("setup");
+    let index = w
+        .node
+        .enter(|| dp.host_link_index(&link.host_veth))
+        .expect("lookup")
+        .expect("the host veth exists");
+    let shown = w.node.ip(&["-o", "link", "show", &link.host_veth]);
+    assert!(
+        shown.starts_with(&format!("{index}: ")),
+        "{index} vs {shown}"
+    );
+    w.node
+        .enter(|| dp.teardown(&link.host_veth))
+        .expect("teardown");
+    let gone = w.node.enter(|| dp.host_link_index(&link.host_veth));
+    assert_eq!(gone.expect("lookup"), None);
 }
 
 #[test]
