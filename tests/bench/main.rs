@@ -46,6 +46,9 @@ struct Args {
     /// Concurrent ADDs in the burst (per plugin).
     #[arg(long, default_value_t = 100)]
     burst: usize,
+    /// ferry pods held networked at once while ipamd's RSS is read.
+    #[arg(long, default_value_t = 250)]
+    hold: usize,
     /// Allocate calls per concurrency level (1, 8 and 32 clients).
     #[arg(long, default_value_t = 5000)]
     allocs: usize,
@@ -160,7 +163,7 @@ fn run(args: &Args) -> Result<Report> {
     eprintln!("bench: creating the fabric, the node and pod namespaces ...");
     let fabric = Fabric::new().context("creating the fabric netns")?;
     let node = fabric.add_node().context("creating the node netns")?;
-    let n_pods = args.pods.max(args.burst);
+    let n_pods = args.pods.max(args.burst).max(args.hold);
     let mut pods: Vec<Netns> = Vec::with_capacity(n_pods);
     for _ in 0..n_pods {
         check_stop()?;
@@ -178,6 +181,7 @@ fn run(args: &Args) -> Result<Report> {
         },
     )
     .context("starting ipamd for the plugin runs")?;
+    let rss_idle = ipamd.pid().and_then(|p| rss_kib(p, "VmRSS:"));
 
     let spec = Spec {
         plugins: plugin_specs(&bin_dir, &cni_dir, ipamd.socket(), node.dir.path()),
@@ -188,6 +192,8 @@ fn run(args: &Args) -> Result<Report> {
         settle_ms: 2000,
         rounds: args.rounds,
         version_calls: 20,
+        hold: args.hold,
+        ipamd_pid: ipamd.pid(),
     };
     let spec_path = node.path("bench-spec.json");
     let out_path = node.path("bench-out.json");
@@ -261,6 +267,9 @@ fn run(args: &Args) -> Result<Report> {
         plugin_out.plugins,
         levels,
         report::Resources {
+            ipamd_rss_kib_idle: rss_idle,
+            held_pods: plugin_out.hold.as_ref().map_or(0, |h| h.pods - h.failures),
+            ipamd_rss_kib_holding: plugin_out.hold.as_ref().and_then(|h| h.ipamd_rss_kib),
             ipamd_peak_rss_kib_plugin_runs: rss_plugins,
             ipamd_peak_rss_kib_allocate_runs: rss_alloc,
             ferry_binary_bytes: size(bin_dir.join("ferry")),
@@ -351,9 +360,14 @@ fn wait_worker(worker: &mut ChildGuard, limit: Duration) -> Result<std::process:
 
 /// VmHWM (peak resident set) of `pid`, in KiB.
 fn peak_rss_kib(pid: u32) -> Option<u64> {
+    rss_kib(pid, "VmHWM:")
+}
+
+/// A `kB` line (`VmRSS:`, `VmHWM:`) of `/proc/<pid>/status`.
+pub fn rss_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }

@@ -8,6 +8,11 @@ use crate::worker::PluginResult;
 /// Sizes and memory, gathered by the orchestrator.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Resources {
+    /// VmRSS right after start, before any pod.
+    pub ipamd_rss_kib_idle: Option<u64>,
+    /// VmRSS with `held_pods` ferry pods networked at once.
+    pub ipamd_rss_kib_holding: Option<u64>,
+    pub held_pods: usize,
     pub ipamd_peak_rss_kib_plugin_runs: Option<u64>,
     pub ipamd_peak_rss_kib_allocate_runs: Option<u64>,
     pub ferry_binary_bytes: u64,
@@ -138,6 +143,17 @@ impl Report {
             limit_value: 5000.0,
             pass: at32.is_some_and(|l| l.allocs_per_sec >= 5000.0 && l.errors == 0),
         });
+        if resources.held_pods > 0 || resources.ipamd_rss_kib_holding.is_some() {
+            let rss_mib = resources.ipamd_rss_kib_holding.map(|k| k as f64 / 1024.0);
+            targets.push(Target {
+                name: format!("ipamd RSS holding {} pods < 30 MiB", resources.held_pods),
+                measured: rss_mib.map_or("not read".into(), |m| format!("{m:.1} MiB")),
+                required: "< 30 MiB".into(),
+                measured_value: rss_mib.unwrap_or(f64::INFINITY),
+                limit_value: 30.0,
+                pass: rss_mib.is_some_and(|m| m < 30.0),
+            });
+        }
 
         Report {
             pods,
@@ -257,6 +273,12 @@ impl Report {
         let mib =
             |k: Option<u64>| k.map_or("-".to_string(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
         let mb = |b: u64| format!("{:.2} MB", b as f64 / 1e6);
+        println!(
+            "ipamd RSS (VmRSS): {} idle, {} holding {} pods",
+            mib(r.ipamd_rss_kib_idle),
+            mib(r.ipamd_rss_kib_holding),
+            r.held_pods
+        );
         println!(
             "ipamd peak RSS (VmHWM): {} after the plugin runs, {} after the Allocate runs",
             mib(r.ipamd_peak_rss_kib_plugin_runs),

@@ -47,6 +47,18 @@ pub struct Spec {
     pub rounds: usize,
     /// VERSION execs per plugin: the cost of just starting the process.
     pub version_calls: usize,
+    /// ferry pods held at once while ipamd's RSS is read.
+    pub hold: usize,
+    pub ipamd_pid: Option<u32>,
+}
+
+/// ipamd with `pods` ferry pods networked at once.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Hold {
+    pub pods: usize,
+    pub failures: usize,
+    /// VmRSS while they were all up.
+    pub ipamd_rss_kib: Option<u64>,
 }
 
 /// What happened to one plugin.
@@ -76,6 +88,7 @@ pub struct PluginResult {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Output {
     pub plugins: Vec<PluginResult>,
+    pub hold: Option<Hold>,
 }
 
 /// Set by SIGTERM (the orchestrator asks us to stop); checked between calls.
@@ -105,12 +118,15 @@ pub fn run(spec_path: &Path, out_path: &Path) -> Result<()> {
         &std::fs::read(spec_path).with_context(|| format!("reading {}", spec_path.display()))?,
     )
     .context("decoding the worker spec")?;
-    if spec.netns.len() < spec.pods.max(spec.burst) {
+    if spec.netns.len() < spec.pods.max(spec.burst).max(spec.hold) {
         bail!("worker spec has too few pod netns");
     }
-    let out = Output {
-        plugins: measure_all(&spec)?,
+    let plugins = measure_all(&spec)?;
+    let hold = match spec.plugins.first() {
+        Some(ferry) if spec.hold > 0 => Some(hold(&spec, ferry)?),
+        _ => None,
     };
+    let out = Output { plugins, hold };
     std::fs::write(out_path, serde_json::to_vec(&out)?)
         .with_context(|| format!("writing {}", out_path.display()))?;
     Ok(())
@@ -263,6 +279,34 @@ fn host_veths_gone() -> Result<f64> {
         }
         std::thread::sleep(Duration::from_micros(500));
     }
+}
+
+/// Networks `spec.hold` pods with ferry (50 at a time), reads ipamd's RSS
+/// while they are all up, then deletes them.
+fn hold(spec: &Spec, ferry: &PluginSpec) -> Result<Hold> {
+    eprintln!("bench: {}: holding {} pods", ferry.label, spec.hold);
+    let mut pods: Vec<Attachment> = (0..spec.hold)
+        .map(|i| attachment(spec, i, "hold"))
+        .collect();
+    let mut failures = 0;
+    for chunk in pods.chunks_mut(50) {
+        stopping()?;
+        let (_, calls) = concurrently(spec, ferry, "ADD", chunk)?;
+        for (a, call) in chunk.iter_mut().zip(&calls) {
+            failures += usize::from(!call.ok);
+            a.prev_result = serde_json::from_slice(&call.stdout).ok();
+        }
+    }
+    let ipamd_rss_kib = spec.ipamd_pid.and_then(|p| crate::rss_kib(p, "VmRSS:"));
+    for chunk in pods.chunks(50) {
+        concurrently(spec, ferry, "DEL", chunk)?;
+    }
+    host_veths_gone()?;
+    Ok(Hold {
+        pods: spec.hold,
+        failures,
+        ipamd_rss_kib,
+    })
 }
 
 fn burst(spec: &Spec, plugin: &PluginSpec, res: &mut PluginResult) -> Result<()> {
