@@ -790,15 +790,8 @@ struct StatusJson {
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct PoolJson {
-    name: String,
-    cidr: String,
-    block_size: u32,
-    namespaces: Vec<String>,
-    nat_outgoing: bool,
-    snat_address: String,
-    isolated: bool,
-    allow_from: Vec<String>,
-    is_default: bool,
+    #[serde(flatten)]
+    pool: PoolSpecJson,
     size: u64,
     allocated: u64,
     cooling: u64,
@@ -807,17 +800,8 @@ struct PoolJson {
 
 impl From<&pb::PoolUsage> for PoolJson {
     fn from(u: &pb::PoolUsage) -> Self {
-        let p = u.pool.clone().unwrap_or_default();
         PoolJson {
-            name: p.name,
-            cidr: p.cidr,
-            block_size: p.block_size,
-            namespaces: p.namespaces,
-            nat_outgoing: p.nat_outgoing,
-            snat_address: p.snat_address,
-            isolated: p.isolated,
-            allow_from: p.allow_from,
-            is_default: p.is_default,
+            pool: PoolSpecJson::from(&u.pool.clone().unwrap_or_default()),
             size: u.size,
             allocated: u.allocated,
             cooling: u.cooling,

@@ -115,7 +115,7 @@ fn default_route_oif(routes: &[RouteMessage]) -> Option<u32> {
         .map(|(_, oif)| oif)
 }
 
-fn table_of(r: &RouteMessage) -> u32 {
+pub(super) fn table_of(r: &RouteMessage) -> u32 {
     r.attributes
         .iter()
         .find_map(|a| match a {

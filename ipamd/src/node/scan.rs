@@ -14,6 +14,7 @@ use netlink_packet_route::route::{
 use rtnetlink::RouteMessageBuilder;
 
 use super::NodeError;
+use super::netlink::table_of;
 
 /// One address in use: `ip` is routed to host veth `link`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -87,16 +88,6 @@ fn pair(links: &[LinkMessage], routes: &[RouteMessage]) -> Vec<VethAddress> {
         .collect();
     out.sort();
     out
-}
-
-fn table_of(r: &RouteMessage) -> u32 {
-    r.attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Table(t) => Some(*t),
-            _ => None,
-        })
-        .unwrap_or(u32::from(r.header.table))
 }
 
 #[cfg(test)]
