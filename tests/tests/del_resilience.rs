@@ -207,8 +207,13 @@ fn ipamctl_gc_cleans_up_after_pods_gone_without_del() -> Result<()> {
     let kept_ip = add(&rt, &list, &kept)?;
     let lost = Pod::new()?;
     let lost_ip = add(&rt, &list, &lost)?;
-    // The pod's netns goes without a DEL (a crash, a reboot): its veth with it.
+    // The pod's netns goes without a DEL (a crash, a reboot): its veth with
+    // it, once the kernel has cleaned the namespace up.
+    let lost_veth = lost.host_veth();
     drop(lost);
+    wait_until("the lost pod's veth to go", Duration::from_secs(10), || {
+        Ok((!node.ns.ferry_links()?.contains(&lost_veth)).then_some(()))
+    })?;
     // And a host veth of ours that nothing holds.
     node.ns.ip(&[
         "link",
