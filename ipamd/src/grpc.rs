@@ -63,7 +63,7 @@ fn invalid(msg: impl Into<String>) -> Status {
 /// The host veth the plugin asks ipamd to delete: it must be the one this
 /// key's pod hangs off, so a confused client cannot unplug anything else.
 fn parse_host_link(link: pb::HostLink, key: &AllocKey) -> Result<HostLink, Status> {
-    let expected = crate::reconcile::expected_veth(key);
+    let expected = key.host_veth();
     if link.name != expected {
         return Err(invalid(format!(
             "host_link {:?} is not the host veth of this key (expected {expected:?})",

@@ -54,11 +54,6 @@ pub enum ReconcileError {
     Ipam(#[from] IpamError),
 }
 
-/// The host veth an allocation's pod hangs off.
-pub fn expected_veth(key: &AllocKey) -> String {
-    key.host_veth()
-}
-
 /// What one look saw.
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -70,6 +65,29 @@ pub struct Snapshot {
     pub live_netns: HashSet<String>,
     pub owned_blocks: Vec<Ipv4Net>,
     pub now_ms: i64,
+}
+
+impl Snapshot {
+    fn has_link(&self, name: &str) -> bool {
+        self.links.iter().any(|l| l.name == name)
+    }
+
+    fn netns_alive(&self, a: &Allocation) -> bool {
+        !a.pod.netns.is_empty() && self.live_netns.contains(&a.pod.netns)
+    }
+
+    /// `fry*` links no allocation hangs off, by name.
+    fn orphans(&self) -> Vec<&HostLink> {
+        let expected: HashSet<String> =
+            self.allocations.iter().map(|a| a.key.host_veth()).collect();
+        let mut orphans: Vec<&HostLink> = self
+            .links
+            .iter()
+            .filter(|l| !expected.contains(&l.name))
+            .collect();
+        orphans.sort();
+        orphans
+    }
 }
 
 /// When each suspect was first seen. Kept in memory only: after a restart
@@ -99,15 +117,12 @@ pub struct Decision {
 pub fn decide(obs: &mut Observations, snap: &Snapshot, grace: Duration) -> Decision {
     let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
     let now_ms = snap.now_ms;
-    let names: HashSet<&str> = snap.links.iter().map(|l| l.name.as_str()).collect();
     let mut decision = Decision::default();
-    let mut expected = HashSet::new();
     let mut still_missing = HashSet::new();
 
     for a in &snap.allocations {
-        let veth = expected_veth(&a.key);
-        let present = names.contains(veth.as_str());
-        expected.insert(veth.clone());
+        let veth = a.key.host_veth();
+        let present = snap.has_link(&veth);
         let touched = snap.activity.get(&a.key).copied();
         let last_active = touched.map_or(a.created_unix_ms, |t| t.max(a.created_unix_ms));
         // Young or recently retried allocations may be mid-ADD, veth not
@@ -119,7 +134,7 @@ pub fn decide(obs: &mut Observations, snap: &Snapshot, grace: Duration) -> Decis
             "{}/{} ({})",
             a.pod.namespace, a.pod.name, a.key.container_id
         );
-        if !a.pod.netns.is_empty() && snap.live_netns.contains(&a.pod.netns) {
+        if snap.netns_alive(a) {
             decision.findings.push(Finding {
                 kind: FindingKind::MissingVeth,
                 detail: format!(
@@ -166,12 +181,7 @@ pub fn decide(obs: &mut Observations, snap: &Snapshot, grace: Duration) -> Decis
     // Forget keys that are gone or whose veth came back.
     obs.first_missing.retain(|k, _| still_missing.contains(k));
 
-    let mut orphans: Vec<&HostLink> = snap
-        .links
-        .iter()
-        .filter(|l| !expected.contains(&l.name))
-        .collect();
-    orphans.sort();
+    let orphans = snap.orphans();
     obs.first_orphan.retain(|l, _| orphans.contains(&l));
     for link in orphans {
         let first = *obs.first_orphan.entry(link.clone()).or_insert(now_ms);
@@ -328,7 +338,7 @@ impl Reconciler {
             .map(|l| l.name)
             .collect();
         for a in decision.release {
-            if names.contains(&expected_veth(&a.key)) {
+            if names.contains(&a.key.host_veth()) {
                 continue;
             }
             let Some(&(_, first_look)) = obs.first_missing.get(&a.key) else {
@@ -358,14 +368,10 @@ impl Reconciler {
     pub async fn collect_garbage(&self, dry_run: bool) -> Result<Vec<Finding>, ReconcileError> {
         let _obs = self.obs.lock().await;
         let snap = self.snapshot().await?;
-        let names: HashSet<&str> = snap.links.iter().map(|l| l.name.as_str()).collect();
-        let mut expected = HashSet::new();
         let mut actions = Vec::new();
         for a in &snap.allocations {
-            let veth = expected_veth(&a.key);
-            expected.insert(veth.clone());
-            let netns_gone = a.pod.netns.is_empty() || !snap.live_netns.contains(&a.pod.netns);
-            if names.contains(veth.as_str()) || !netns_gone {
+            let veth = a.key.host_veth();
+            if snap.has_link(&veth) || snap.netns_alive(a) {
                 continue;
             }
             let what = format!(
@@ -387,7 +393,7 @@ impl Reconciler {
                 allocation: Some(a.clone()),
             });
         }
-        for link in snap.links.iter().filter(|l| !expected.contains(&l.name)) {
+        for link in snap.orphans() {
             let detail = if dry_run {
                 format!("would delete host veth {} (no allocation)", link.name)
             } else if self.unplug_orphan(link).await {
@@ -478,7 +484,7 @@ mod tests {
     }
 
     fn veth(a: &Allocation) -> String {
-        ferry_proto::host_veth_name(&a.key.container_id, &a.key.ifname)
+        a.key.host_veth()
     }
 
     /// Another pod's veth: proof that ipamd looks at the node's namespace.
