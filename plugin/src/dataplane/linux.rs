@@ -159,8 +159,9 @@ async fn setup(link: &PodLink) -> Result<Attached, DataplaneError> {
 
     // ifname first: if it exists, our host veth of the same name may be its
     // live peer, and deleting that as "stale" would unplug a running pod -
-    // unless the address was just allocated, which proves that veth's own
-    // attachment was released.
+    // unless that veth belongs to an earlier lease: the address was just
+    // allocated, or the veth routes other addresses than this lease's (the
+    // reply that said "created" can be lost when ipamd dies).
     let mut stale_removed = false;
     let mut waited = false;
     loop {
@@ -171,16 +172,22 @@ async fn setup(link: &PodLink) -> Result<Attached, DataplaneError> {
         else {
             break;
         };
-        let attached = nl::link_by_name(&host, &link.host_veth).await?.is_some();
-        if attached && link.replace_stale && !stale_removed {
+        let ours = nl::link_by_name(&host, &link.host_veth).await?;
+        let attached = ours.is_some();
+        let stale = match &ours {
+            Some(veth) => link.replace_stale || !routes_lease(&host, veth, link).await?,
+            None => false,
+        };
+        if stale && !stale_removed {
             stale_removed = true;
             nl::delete_link_by_name(&host, &link.host_veth).await?;
             debug!(host_veth = %link.host_veth, "removed the stale veth pair of a released attachment");
             continue;
         }
         // Another attachment's ferry pair, its DEL done and its host veth
-        // queued for deletion in ipamd: wait for it, briefly.
-        if !attached && !waited && peered_to_a_ferry_veth(&host, &existing).await? {
+        // queued for deletion in ipamd (or deleted since the lookup above):
+        // wait for it, briefly.
+        if !attached && !waited && peer_is_departing_ferry_veth(&host, &existing).await? {
             waited = true;
             wait_until_gone(&mut pod, &link.ifname, DEPARTING_PAIR_WAIT).await?;
             continue;
@@ -214,13 +221,34 @@ async fn setup(link: &PodLink) -> Result<Attached, DataplaneError> {
     }
 }
 
+/// Whether `veth` carries every address of this lease as its /32 route.
+async fn routes_lease(
+    host: &Handle,
+    veth: &nl::Link,
+    link: &PodLink,
+) -> Result<bool, DataplaneError> {
+    for net in &link.addresses {
+        if !routed_via(host, net.addr(), veth.index).await? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+async fn routed_via(host: &Handle, ip: Ipv4Addr, index: u32) -> Result<bool, DataplaneError> {
+    Ok(nl::fib_match(host, ip)
+        .await?
+        .is_some_and(|r| r.len == 32 && r.dst == ip && r.oif == Some(index)))
+}
+
 /// How long ADD waits for a departing ferry pair to leave the pod's
 /// interface name free; ipamd deletes them within milliseconds.
 const DEPARTING_PAIR_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A veth in the pod whose peer, in the node netns, is one of ferry's host
-/// veths. A peer in the pod's own netns is someone else's pair.
-async fn peered_to_a_ferry_veth(
+/// veths or was deleted a moment ago. A peer in the pod's own netns is
+/// someone else's pair.
+async fn peer_is_departing_ferry_veth(
     host: &Handle,
     pod_link: &nl::Link,
 ) -> Result<bool, DataplaneError> {
@@ -231,7 +259,7 @@ async fn peered_to_a_ferry_veth(
     };
     Ok(nl::link_by_index(host, peer)
         .await?
-        .is_some_and(|l| l.name.starts_with(ferry_proto::HOST_VETH_PREFIX)))
+        .is_none_or(|l| l.name.starts_with(ferry_proto::HOST_VETH_PREFIX)))
 }
 
 async fn wait_until_gone(
@@ -471,9 +499,8 @@ async fn check_host(
         problems.push(format!("proxy_arp on {name} is {}", proxy_arp.trim()));
     }
     for ip in expected {
-        match nl::fib_match(host, *ip).await? {
-            Some(r) if r.len == 32 && r.dst == *ip && r.oif == Some(veth.index) => {}
-            _ => problems.push(format!("host route {ip}/32 dev {name} is missing")),
+        if !routed_via(host, *ip, veth.index).await? {
+            problems.push(format!("host route {ip}/32 dev {name} is missing"));
         }
     }
     Ok(problems)

@@ -24,7 +24,8 @@ pub struct PodLink {
     /// The address was allocated afresh, so a host veth of this name is
     /// left from an attachment whose address was released (its DEL's
     /// background delete not done yet, or lost in a crash): setup replaces
-    /// it even when `ifname` in the pod is its peer.
+    /// it even when `ifname` in the pod is its peer. A host veth that does
+    /// not route this lease's addresses is replaced either way.
     pub replace_stale: bool,
 }
 

@@ -182,7 +182,16 @@ pub(super) async fn fib_match(h: &Handle, dst: Ipv4Addr) -> Result<Option<Route>
     let mut replies = h.route().get(msg).execute();
     match replies.try_next().await {
         Ok(found) => Ok(found.map(|m| Route::from_message(&m))),
-        Err(e) if matches!(errno(&e), Some(libc::ENETUNREACH | libc::EHOSTUNREACH)) => Ok(None),
+        // EINVAL: the matching route's device is being unregistered (a
+        // veth deleted concurrently), so there is no usable route either.
+        Err(e)
+            if matches!(
+                errno(&e),
+                Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EINVAL)
+            ) =>
+        {
+            Ok(None)
+        }
         Err(e) => Err(failed(format!("look up route to {dst}"), e)),
     }
 }

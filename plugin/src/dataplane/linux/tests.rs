@@ -314,6 +314,32 @@ fn a_released_attachments_live_pair_is_replaced_only_for_a_fresh_address() {
 }
 
 #[test]
+fn a_pair_routing_another_lease_is_replaced_when_the_created_flag_was_lost() {
+    if !privileged() {
+        return;
+    }
+    let w = World::new(1);
+    let dp = LinuxDataplane::new();
+    let old = w.link(0, "10.244.0.25");
+    w.node.enter(|| dp.setup(&old)).expect("first setup");
+    // ipamd died after committing the new lease but before its reply, so
+    // the retried ADD sees the lease as not created.
+    let retried_after_crash = PodLink {
+        addresses: vec![Ipv4Net::new("10.244.0.26".parse().expect("ip"), 32).expect("net")],
+        replace_stale: false,
+        ..old.clone()
+    };
+    w.node
+        .enter(|| dp.setup(&retried_after_crash))
+        .expect("setup over the earlier lease's pair");
+    w.node
+        .enter(|| dp.check(&retried_after_crash))
+        .expect("check");
+    let routes = w.node.ip(&["-4", "route", "show"]);
+    assert!(!routes.contains("10.244.0.25"), "{routes}");
+}
+
+#[test]
 fn add_waits_for_another_attachments_departing_pair() {
     if !privileged() {
         return;
