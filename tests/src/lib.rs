@@ -59,7 +59,7 @@ pub use world::OneNode;
 
 /// How long ipamd may take to delete host veths after the DELs that handed
 /// them over (it deletes them in the background).
-pub const DEL_SETTLE: std::time::Duration = std::time::Duration::from_secs(10);
+pub const DEL_SETTLE: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[cfg(test)]
 mod selftest {

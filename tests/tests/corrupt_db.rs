@@ -17,7 +17,6 @@ use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use ferry_tests::*;
@@ -149,7 +148,7 @@ fn damaged_db_is_rebuilt(what: &str, damage: impl FnOnce(&Path) -> Result<()>) -
         left.is_empty(),
         "{what}: allocations left after DEL of every pod: {left:?}"
     );
-    let links = node.ns.ferry_links_after_del(Duration::from_secs(10))?;
+    let links = node.ns.ferry_links_after_del(DEL_SETTLE)?;
     ensure!(links.is_empty(), "host veths left after DEL: {links:?}");
     Ok(())
 }

@@ -211,7 +211,7 @@ fn ipamctl_gc_cleans_up_after_pods_gone_without_del() -> Result<()> {
     // it, once the kernel has cleaned the namespace up.
     let lost_veth = lost.host_veth();
     drop(lost);
-    wait_until("the lost pod's veth to go", Duration::from_secs(10), || {
+    wait_until("the lost pod's veth to go", Duration::from_secs(30), || {
         Ok((!node.ns.ferry_links()?.contains(&lost_veth)).then_some(()))
     })?;
     // And a host veth of ours that nothing holds.

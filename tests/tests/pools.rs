@@ -467,7 +467,7 @@ fn blocks_are_claimed_when_full_and_given_back_when_idle() -> Result<()> {
     let freed = ips[1].to_string();
     wait_until(
         "the freed address to cool down",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         || {
             let v = w.ipamd.ipamctl_json(&["show", &freed])?;
             Ok((v["state"] == "free").then_some(()))

@@ -53,7 +53,7 @@ fn leaked_addresses_come_back_after_a_reboot() -> Result<()> {
     drop(pods);
     wait_until(
         "the pods' veths to vanish with their netns",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         || Ok(w.node.ns.ferry_links()?.is_empty().then_some(())),
     )?;
     for p in &netns_paths {
