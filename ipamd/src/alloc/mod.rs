@@ -893,6 +893,19 @@ impl Allocator {
                 "pool {name} comes from ipamd's configuration and would return at the next start; remove it from the configuration and restart ipamd instead"
             )));
         }
+        let mut referers: Vec<&str> = self
+            .pools
+            .values()
+            .filter(|o| o.name != name && o.allow_from.iter().any(|f| f == name))
+            .map(|o| o.name.as_str())
+            .collect();
+        if !referers.is_empty() {
+            referers.sort_unstable();
+            return Err(IpamError::Conflict(format!(
+                "pool {name} is named in allow_from of pool(s) {}; remove it there first",
+                referers.join(", ")
+            )));
+        }
         let blocks: Vec<BlockClaim> = self.pool_blocks(name).map(|b| b.claim.clone()).collect();
         let mut muts: Vec<Mutation> = blocks
             .iter()

@@ -340,6 +340,16 @@ fn pool_merge_and_admin_rules() {
         a.plan_remove_pool("nope"),
         Err(IpamError::NotFound(_))
     ));
+    // A pool another pool admits traffic from stays until that one lets go.
+    let mut teal = spec("teal", "10.4.0.0/24", 28, &["t"]);
+    teal.allow_from = vec!["blue".into()];
+    a.apply(&a.plan_add_pool(&teal).unwrap(), 0);
+    assert!(matches!(
+        a.plan_remove_pool("blue"),
+        Err(IpamError::Conflict(m)) if m.contains("allow_from of pool(s) teal")
+    ));
+    let (_, muts) = a.plan_remove_pool("teal").unwrap();
+    a.apply(&muts, 0);
     let mut p = params(1);
     p.pool_hint = Some("blue".into());
     drive(&mut a, &p, 0, &[]).unwrap();
