@@ -236,6 +236,15 @@ impl Ipamd {
         self.wait_healthy()
     }
 
+    /// Replaces the `--config` file; ipamd reads it at its next start.
+    pub fn rewrite_config(&self, toml: &str) -> Result<()> {
+        let path = self
+            .config_path
+            .as_ref()
+            .context("this ipamd was started without --config")?;
+        std::fs::write(path, toml).with_context(|| format!("write {}", path.display()))
+    }
+
     /// Starts ipamd again only if it is not running (no wait for health).
     pub fn spawn_if_stopped(&mut self) -> Result<()> {
         if !self.is_running() {

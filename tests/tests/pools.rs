@@ -529,6 +529,44 @@ fn blocks_are_claimed_when_full_and_given_back_when_idle() -> Result<()> {
 }
 
 #[test]
+fn a_pool_dropped_from_the_file_while_in_use_stays_until_pool_rm() -> Result<()> {
+    require_root();
+    let mut w = small_world(POOLS_TOML, &[], 1)?;
+    let list = list_with_capabilities(&w);
+    let pod = Pod::new()?;
+    let ip = add_ok(&w.rt, &list, &call_in(&pod, "blue"), &json!({}))?;
+    ensure!(net("10.50.0.0/28").contains(&ip), "blue pod got {ip}");
+
+    // The operator drops both pools from the file: red is empty and goes,
+    // blue holds the pod and stays.
+    w.ipamd.rewrite_config("")?;
+    w.ipamd.restart()?;
+    let pools = w.ipamd.ipamctl_json(&["pools"])?;
+    ensure!(pool_json(&pools, "red").is_err(), "red is still there");
+    ensure!(
+        pool_json(&pools, "blue")?["allocated"] == 1,
+        "blue after restart: {pools:#}"
+    );
+    ensure!(
+        w.ipamd.log().contains("no longer configured"),
+        "keeping blue was not logged"
+    );
+    let e = ipamctl_fails(&w.ipamd, &["pool", "rm", "blue"])?;
+    ensure!(e.contains("1 allocation"), "{e}");
+
+    // Once its pod is gone, pool rm removes it, for good.
+    del_all(&w, &list, &[&pod])?;
+    ipamctl_ok(&w.ipamd, &["pool", "rm", "blue"])?;
+    w.ipamd.restart()?;
+    let pools = w.ipamd.ipamctl_json(&["pools"])?;
+    ensure!(
+        pool_json(&pools, "blue").is_err(),
+        "blue is back: {pools:#}"
+    );
+    Ok(())
+}
+
+#[test]
 fn exhaustion_status_and_recovery() -> Result<()> {
     require_root();
     // 10.244.0.0/29 in /30 blocks: 6 usable addresses; blue has room.

@@ -960,8 +960,13 @@ impl Allocator {
             }
             let n = held(&old.name);
             if n > 0 {
+                // As a run-time pool, `pool rm` can remove it once it is empty.
                 warn!(pool = %old.name, allocations = n,
-                    "pool is no longer configured but still holds allocations; keeping it");
+                    "pool is no longer configured but still holds allocations; keeping it as a run-time pool (ipamctl pool rm it once empty)");
+                muts.push(Mutation::PutPool(PoolSpec {
+                    runtime: true,
+                    ..old.clone()
+                }));
                 final_set.push(old);
             } else {
                 drop_blocks(&old.name, &mut dropped, &mut muts);

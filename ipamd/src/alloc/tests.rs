@@ -438,6 +438,29 @@ fn run_time_pools_outlive_restarts_and_configured_ones_stay() {
 }
 
 #[test]
+fn a_pool_dropped_from_the_configuration_while_in_use_can_be_removed_once_empty() {
+    let configured = [
+        spec("default", "10.0.0.0/24", 28, &[]),
+        spec("blue", "10.1.0.0/24", 28, &["blue"]),
+    ];
+    let mut a = allocator(&configured);
+    let mut p = params(1);
+    p.pool_hint = Some("blue".into());
+    drive(&mut a, &p, 0, &[]).unwrap();
+    let (_, muts) = a.plan_merge_pools(&configured[..1]).unwrap();
+    a.apply(&muts, 1);
+    assert!(a.pool("blue").is_some_and(|p| p.runtime));
+    assert!(matches!(
+        a.plan_remove_pool("blue"),
+        Err(IpamError::Conflict(m)) if m.contains("1 allocation")
+    ));
+    release(&mut a, &key(1), 2);
+    let (_, muts) = a.plan_remove_pool("blue").unwrap();
+    a.apply(&muts, 3);
+    assert!(a.pool("blue").is_none());
+}
+
+#[test]
 fn requested_address_errors_name_the_address_and_the_pool() {
     let mut a = allocator(&[spec("default", "10.0.0.0/24", 28, &[])]);
     let mut p = params(1);
