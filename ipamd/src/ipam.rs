@@ -587,6 +587,15 @@ impl Ipam {
     }
 
     /// The blocks this node owns, for blackhole routes.
+    /// Blocks the cluster store gives to other nodes, in every pool.
+    pub async fn foreign_claims(&self) -> Result<Vec<BlockClaim>, IpamError> {
+        let mut claims = Vec::new();
+        for usage in self.pools() {
+            claims.extend(self.cluster.foreign_blocks(&usage.pool.name).await?);
+        }
+        Ok(claims)
+    }
+
     pub fn owned_blocks(&self) -> Vec<Ipv4Net> {
         self.lock().owned_blocks()
     }

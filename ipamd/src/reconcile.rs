@@ -25,7 +25,7 @@ use tokio::sync::Mutex;
 
 use crate::error::IpamError;
 use crate::ipam::Ipam;
-use crate::model::{AllocKey, Allocation, Finding, FindingKind};
+use crate::model::{AllocKey, Allocation, BlockClaim, Finding, FindingKind};
 use crate::node::{HostLink, HostLinks, NodeError};
 
 pub trait Clock: Send + Sync {
@@ -64,6 +64,8 @@ pub struct Snapshot {
     /// The allocations' netns paths that exist.
     pub live_netns: HashSet<String>,
     pub owned_blocks: Vec<Ipv4Net>,
+    /// Blocks the cluster store gives to other nodes.
+    pub foreign_claims: Vec<BlockClaim>,
     pub now_ms: i64,
 }
 
@@ -208,10 +210,27 @@ pub fn decide(obs: &mut Observations, snap: &Snapshot, grace: Duration) -> Decis
     decision
 }
 
-/// Duplicate addresses and allocations outside the node's blocks: the
-/// core's invariants, checked against what it actually holds.
+/// Duplicate addresses, allocations outside the node's blocks and blocks
+/// the cluster store gives to another node: the core's invariants, checked
+/// against what it actually holds.
 fn address_findings(snap: &Snapshot) -> Vec<Finding> {
     let mut findings = Vec::new();
+    for block in &snap.owned_blocks {
+        for claim in snap
+            .foreign_claims
+            .iter()
+            .filter(|c| c.cidr.contains(&block.network()) || block.contains(&c.cidr.network()))
+        {
+            findings.push(Finding {
+                kind: FindingKind::ForeignBlock,
+                detail: format!(
+                    "block {block} is held by this node, but the cluster store gives {} (pool {}) to node {}",
+                    claim.cidr, claim.pool, claim.node
+                ),
+                allocation: None,
+            });
+        }
+    }
     let mut by_ip: HashMap<Ipv4Addr, Vec<&Allocation>> = HashMap::new();
     for a in &snap.allocations {
         by_ip.entry(a.ip).or_default().push(a);
@@ -293,6 +312,7 @@ impl Reconciler {
             links,
             live_netns,
             owned_blocks: self.ipam.owned_blocks(),
+            foreign_claims: self.ipam.foreign_claims().await?,
             now_ms: self.clock.now_unix_ms(),
         })
     }
@@ -521,6 +541,7 @@ mod tests {
             links: links.to_vec(),
             live_netns: HashSet::new(),
             owned_blocks: vec!["10.244.0.0/26".parse().unwrap()],
+            foreign_claims: Vec::new(),
             now_ms,
         };
         decide(obs, &snap, grace)
@@ -765,6 +786,38 @@ mod tests {
         assert!(decide(&mut obs, &snap, GRACE).release.is_empty());
         snap.now_ms += 300 * S;
         assert_eq!(decide(&mut obs, &snap, GRACE).release, vec![a]);
+    }
+
+    #[test]
+    fn a_block_the_cluster_gives_to_another_node_is_reported() {
+        let mut obs = Observations::default();
+        let claim = |cidr: &str, node: &str| BlockClaim {
+            pool: "default".into(),
+            cidr: cidr.parse().unwrap(),
+            node: node.into(),
+            claimed_unix_ms: 0,
+        };
+        let snap = Snapshot {
+            owned_blocks: vec![
+                "10.244.0.0/26".parse().unwrap(),
+                "10.244.0.64/26".parse().unwrap(),
+            ],
+            foreign_claims: vec![
+                claim("10.244.0.64/26", "node-b"),
+                claim("10.244.1.0/26", "node-c"),
+            ],
+            now_ms: 1000 * S,
+            ..Snapshot::default()
+        };
+        let d = decide(&mut obs, &snap, GRACE);
+        assert_eq!(d.findings.len(), 1, "{d:?}");
+        assert_eq!(d.findings[0].kind, FindingKind::ForeignBlock);
+        let detail = &d.findings[0].detail;
+        assert!(
+            detail.contains("10.244.0.64/26") && detail.contains("node-b"),
+            "{detail}"
+        );
+        assert!(d.release.is_empty() && d.unplug.is_empty());
     }
 
     #[test]
