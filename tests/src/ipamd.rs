@@ -1,11 +1,12 @@
 //! [`Ipamd`]: the real ipamd, run inside a node's namespace, plus ipamctl helpers.
 
 use std::fs::OpenOptions;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Output, Stdio};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
 use crate::netns::Node;
@@ -271,6 +272,37 @@ impl Ipamd {
     /// `ipamctl --json blocks` as a list of objects.
     pub fn blocks(&self) -> Result<Vec<Value>> {
         as_list(self.ipamctl_json(&["blocks"])?)
+    }
+
+    /// Every allocation as (ip, containerId), sorted.
+    pub fn held(&self) -> Result<Vec<(Ipv4Addr, String)>> {
+        let mut held = self
+            .allocations()?
+            .iter()
+            .map(|a| {
+                let ip = a["ip"]
+                    .as_str()
+                    .and_then(|s| s.parse().ok())
+                    .with_context(|| format!("allocation without ip: {a}"))?;
+                let cid = a["containerId"]
+                    .as_str()
+                    .with_context(|| format!("allocation without containerId: {a}"))?;
+                Ok((ip, cid.to_string()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        held.sort();
+        Ok(held)
+    }
+
+    /// `ipamctl <args>`, which must exit 0; its stdout.
+    pub fn ipamctl_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.ipamctl(args)?;
+        ensure!(
+            out.status.success(),
+            "ipamctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
     }
 }
 

@@ -32,22 +32,6 @@ fn add(rt: &Runtime, list: &Value, pod: &Pod) -> Result<Ipv4Addr> {
     Ok(ips[0])
 }
 
-fn allocated(ipamd: &Ipamd) -> Result<Vec<(Ipv4Addr, String)>> {
-    let mut out = Vec::new();
-    for a in ipamd.allocations()? {
-        let ip = a["ip"]
-            .as_str()
-            .and_then(|s| s.parse().ok())
-            .with_context(|| format!("allocation without ip: {a}"))?;
-        out.push((
-            ip,
-            a["containerId"].as_str().unwrap_or_default().to_string(),
-        ));
-    }
-    out.sort();
-    Ok(out)
-}
-
 fn damaged_db_is_rebuilt(what: &str, damage: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     require_root();
     let OneNode {
@@ -118,7 +102,7 @@ fn damaged_db_is_rebuilt(what: &str, damage: impl FnOnce(&Path) -> Result<()>) -
         .map(|(p, ip)| (*ip, format!("adopted:{}", p.host_veth())))
         .collect();
     want.sort();
-    let got = allocated(&ipamd)?;
+    let got = ipamd.held()?;
     ensure!(
         got == want,
         "{what}: after the rebuild ipamd holds {got:?}, expected {want:?}"
@@ -131,7 +115,7 @@ fn damaged_db_is_rebuilt(what: &str, damage: impl FnOnce(&Path) -> Result<()>) -
         !ips.contains(&new_ip),
         "the new pod got {new_ip}, which a live pod holds ({ips:?})"
     );
-    let held: HashSet<Ipv4Addr> = allocated(&ipamd)?.into_iter().map(|(ip, _)| ip).collect();
+    let held: HashSet<Ipv4Addr> = ipamd.held()?.into_iter().map(|(ip, _)| ip).collect();
     ensure!(
         held.len() == PODS + 1,
         "expected {} allocations: {held:?}",
@@ -143,7 +127,7 @@ fn damaged_db_is_rebuilt(what: &str, damage: impl FnOnce(&Path) -> Result<()>) -
         let out = rt.del(&list, &CniCall::del(pod), &json!({}))?;
         ensure!(out.success(), "DEL failed: {out}");
     }
-    let left = allocated(&ipamd)?;
+    let left = ipamd.held()?;
     ensure!(
         left.is_empty(),
         "{what}: allocations left after DEL of every pod: {left:?}"

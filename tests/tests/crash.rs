@@ -132,21 +132,8 @@ fn adds_survive_ipamd_crashes() -> Result<()> {
 
     // Every successful ADD holds exactly its address, durably.
     let allocs = ipamd.allocations()?;
-    let mut by_ip: HashMap<String, Vec<String>> = HashMap::new();
-    for a in &allocs {
-        let ip = a["ip"]
-            .as_str()
-            .context("allocation without ip")?
-            .to_string();
-        let cid = a["containerId"]
-            .as_str()
-            .context("allocation without containerId")?
-            .to_string();
-        by_ip.entry(ip).or_default().push(cid);
-    }
-    for (ip, holders) in &by_ip {
-        ensure!(holders.len() == 1, "{ip} is held twice: {holders:?}");
-    }
+    storm::ensure_no_duplicates(&allocs)?;
+    let by_ip = storm::holders_by_ip(&allocs)?;
     let our_ids: HashSet<&str> = pods.iter().map(|p| p.container_id.as_str()).collect();
     for a in &allocs {
         ensure!(

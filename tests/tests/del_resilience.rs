@@ -10,21 +10,6 @@ use anyhow::{Context, Result, ensure};
 use ferry_tests::*;
 use serde_json::{Value, json};
 
-fn held_ips(ipamd: &Ipamd) -> Result<Vec<(String, Ipv4Addr)>> {
-    ipamd
-        .allocations()?
-        .iter()
-        .map(|a| {
-            let cid = a["containerId"]
-                .as_str()
-                .context("containerId")?
-                .to_string();
-            let ip = a["ip"].as_str().context("ip")?.parse()?;
-            Ok((cid, ip))
-        })
-        .collect()
-}
-
 fn add(rt: &Runtime, list: &Value, pod: &Pod) -> Result<Ipv4Addr> {
     let out = rt.add(list, &CniCall::add(pod), &json!({}))?;
     ensure!(out.success(), "ADD failed: {out}");
@@ -77,9 +62,9 @@ fn del_with_empty_or_vanished_netns_frees_everything() -> Result<()> {
     ensure!(again.success(), "second DEL failed: {again}");
 
     ensure!(
-        held_ips(&ipamd)?.is_empty(),
+        ipamd.held()?.is_empty(),
         "allocations left: {:?}",
-        held_ips(&ipamd)?
+        ipamd.held()?
     );
     let links = node.ns.ferry_links_after_del(DEL_SETTLE)?;
     ensure!(links.is_empty(), "fry links left: {links:?}");
@@ -125,25 +110,25 @@ fn del_while_ipamd_is_down_then_reconcile_frees_the_address() -> Result<()> {
 
     ipamd.restart()?;
     // The address is still recorded right after the restart: nothing was released blindly.
-    let held = held_ips(&ipamd)?;
+    let held = ipamd.held()?;
     ensure!(
-        held.iter().any(|(_, ip)| *ip == gone_ip),
+        held.iter().any(|(ip, _)| *ip == gone_ip),
         "ipamd forgot {gone_ip} without reconciling: {held:?}"
     );
     wait_until(
         "reconcile to free the orphaned address",
         Duration::from_secs(30),
         || {
-            let held = held_ips(&ipamd)?;
-            Ok((!held.iter().any(|(_, ip)| *ip == gone_ip)).then_some(()))
+            let held = ipamd.held()?;
+            Ok((!held.iter().any(|(ip, _)| *ip == gone_ip)).then_some(()))
         },
     )
     .with_context(|| ipamd.log_tail(40))?;
 
     // The pod whose veth still exists keeps its address through reconcile.
-    let held = held_ips(&ipamd)?;
+    let held = ipamd.held()?;
     ensure!(
-        held == vec![(kept.container_id.clone(), kept_ip)],
+        held == vec![(kept_ip, kept.container_id.clone())],
         "after reconcile ipamd holds {held:?}, expected only {kept_ip}"
     );
     ensure!(
@@ -153,7 +138,7 @@ fn del_while_ipamd_is_down_then_reconcile_frees_the_address() -> Result<()> {
 
     let out = rt.del(&list, &CniCall::del(&kept), &json!({}))?;
     ensure!(out.success(), "DEL failed: {out}");
-    ensure!(held_ips(&ipamd)?.is_empty(), "allocations left");
+    ensure!(ipamd.held()?.is_empty(), "allocations left");
     Ok(())
 }
 
@@ -186,10 +171,7 @@ fn a_foreign_interface_survives_the_failed_add_and_the_del_after_it() -> Result<
         links.iter().any(|l| l == "eth0") && links.iter().any(|l| l == "other0"),
         "ferry deleted an interface that was not its own: {links:?}"
     );
-    ensure!(
-        held_ips(&ipamd)?.is_empty(),
-        "the failed ADD kept an address"
-    );
+    ensure!(ipamd.held()?.is_empty(), "the failed ADD kept an address");
     Ok(())
 }
 
@@ -248,7 +230,7 @@ fn ipamctl_gc_cleans_up_after_pods_gone_without_del() -> Result<()> {
             .any(|p| p.starts_with("orphan-veth") && p.contains("fry0orphan0001")),
         "{planned:?}"
     );
-    ensure!(held_ips(&ipamd)?.len() == 2, "a dry run changed the state");
+    ensure!(ipamd.held()?.len() == 2, "a dry run changed the state");
     ensure!(
         node.ns
             .ferry_links()?
@@ -264,9 +246,9 @@ fn ipamctl_gc_cleans_up_after_pods_gone_without_del() -> Result<()> {
         "gc: {done:?}"
     );
     ensure!(
-        held_ips(&ipamd)? == vec![(kept.container_id.clone(), kept_ip)],
+        ipamd.held()? == vec![(kept_ip, kept.container_id.clone())],
         "after gc: {:?}",
-        held_ips(&ipamd)?
+        ipamd.held()?
     );
     ensure!(node.ns.ferry_links()? == vec![kept.host_veth()]);
     ensure!(kept.ns.ping(&node.ip.to_string()), "gc hurt the live pod");

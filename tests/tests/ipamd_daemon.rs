@@ -32,16 +32,6 @@ fn add(rt: &Runtime, list: &Value, pod: &Pod) -> Result<String> {
     Ok(out.ips().first().context("no IP")?.to_string())
 }
 
-fn ipamctl_ok(ipamd: &Ipamd, args: &[&str]) -> Result<String> {
-    let out = ipamd.ipamctl(args)?;
-    ensure!(
-        out.status.success(),
-        "ipamctl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?)
-}
-
 #[test]
 fn socket_health_ipamctl_status_gc_and_sigterm() -> Result<()> {
     require_root();
@@ -116,7 +106,7 @@ fn socket_health_ipamctl_status_gc_and_sigterm() -> Result<()> {
         by_cid[0]["ip"] == ips[1].as_str() && by_cid.as_array().map(Vec::len) == Some(1),
         "show by container: {by_cid}"
     );
-    let human = ipamctl_ok(&ipamd, &["allocations"])?;
+    let human = ipamd.ipamctl_ok(&["allocations"])?;
     ensure!(
         ips.iter().all(|ip| human.contains(ip.as_str())),
         "table lacks an IP:\n{human}"

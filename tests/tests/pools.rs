@@ -75,16 +75,6 @@ fn ipamctl_fails(ipamd: &Ipamd, args: &[&str]) -> Result<String> {
     Ok(stderr)
 }
 
-fn ipamctl_ok(ipamd: &Ipamd, args: &[&str]) -> Result<String> {
-    let out = ipamd.ipamctl(args)?;
-    ensure!(
-        out.status.success(),
-        "ipamctl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).to_string())
-}
-
 fn pool_json<'a>(pools: &'a Value, name: &str) -> Result<&'a Value> {
     pools
         .as_array()
@@ -261,9 +251,9 @@ fn pool_add_rm_ls_through_ipamctl_survive_restarts() -> Result<()> {
         w.ipamd.ipamctl_json(&["pool", "ls"])? == pools,
         "pool ls --json differs from pools --json"
     );
-    let table = ipamctl_ok(&w.ipamd, &["pools"])?;
+    let table = w.ipamd.ipamctl_ok(&["pools"])?;
     ensure!(
-        table == ipamctl_ok(&w.ipamd, &["pool", "ls"])?,
+        table == w.ipamd.ipamctl_ok(&["pool", "ls"])?,
         "pool ls differs from pools"
     );
     let header = table.lines().next().unwrap_or_default();
@@ -371,10 +361,8 @@ fn pool_add_rm_ls_through_ipamctl_survive_restarts() -> Result<()> {
 
     // The added pools survive a restart, with their options, whether in use
     // (green, with its pod) or not (teal).
-    ipamctl_ok(
-        &w.ipamd,
-        &["pool", "add", "teal", "10.90.0.0/28", "--namespace", "teal"],
-    )?;
+    w.ipamd
+        .ipamctl_ok(&["pool", "add", "teal", "10.90.0.0/28", "--namespace", "teal"])?;
     w.ipamd.restart()?;
     let pools = w.ipamd.ipamctl_json(&["pools"])?;
     let teal = pool_json(&pools, "teal")?;
@@ -394,9 +382,14 @@ fn pool_add_rm_ls_through_ipamctl_survive_restarts() -> Result<()> {
     del_all(&w, &list, &[&pod])?;
     let out = w.ipamd.ipamctl_json(&["pool", "rm", "green"])?;
     ensure!(out == json!({"removed": "green"}), "{out}");
-    ensure!(ipamctl_ok(&w.ipamd, &["pool", "rm", "teal"])?.contains("removed pool teal"));
     ensure!(
-        ipamctl_ok(&w.ipamd, &["pools"])?
+        w.ipamd
+            .ipamctl_ok(&["pool", "rm", "teal"])?
+            .contains("removed pool teal")
+    );
+    ensure!(
+        w.ipamd
+            .ipamctl_ok(&["pools"])?
             .lines()
             .all(|l| !l.starts_with("green "))
     );
@@ -490,7 +483,7 @@ fn blocks_are_claimed_when_full_and_given_back_when_idle() -> Result<()> {
         "{:?}",
         blocks(&w.ipamd)?
     );
-    let table = ipamctl_ok(&w.ipamd, &["blocks"])?;
+    let table = w.ipamd.ipamctl_ok(&["blocks"])?;
     let row = table
         .lines()
         .find(|l| l.starts_with("10.244.0.4/30 "))
@@ -556,7 +549,7 @@ fn a_pool_dropped_from_the_file_while_in_use_stays_until_pool_rm() -> Result<()>
 
     // Once its pod is gone, pool rm removes it, for good.
     del_all(&w, &list, &[&pod])?;
-    ipamctl_ok(&w.ipamd, &["pool", "rm", "blue"])?;
+    w.ipamd.ipamctl_ok(&["pool", "rm", "blue"])?;
     w.ipamd.restart()?;
     let pools = w.ipamd.ipamctl_json(&["pools"])?;
     ensure!(
