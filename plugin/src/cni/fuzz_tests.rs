@@ -321,28 +321,37 @@ fn mutation() -> impl Strategy<Value = Mutation> {
     ]
 }
 
+/// The value `parents` lead to in `v`, `None` where they run into a scalar
+/// or a missing index; missing object keys are created when `create`.
+fn walk<'a>(v: &'a mut Value, parents: &[&str], create: bool) -> Option<&'a mut Value> {
+    let mut cur = v;
+    for seg in parents {
+        cur = match cur {
+            Value::Object(m) => {
+                if create {
+                    m.entry(seg.to_string()).or_insert_with(|| json!({}))
+                } else {
+                    m.get_mut(*seg)?
+                }
+            }
+            Value::Array(a) => a.get_mut(seg.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(cur)
+}
+
 /// Sets `path` in `v`, creating objects on the way; a no-op where the path
 /// runs into a scalar.
 fn set_path(v: &mut Value, path: &[&str], new: Value) {
     let Some((last, parents)) = path.split_last() else {
         return;
     };
-    let mut cur = v;
-    for seg in parents {
-        cur = match cur {
-            Value::Object(m) => m.entry(seg.to_string()).or_insert_with(|| json!({})),
-            Value::Array(a) => match seg.parse::<usize>().ok().and_then(|i| a.get_mut(i)) {
-                Some(x) => x,
-                None => return,
-            },
-            _ => return,
-        };
-    }
-    match cur {
-        Value::Object(m) => {
+    match walk(v, parents, true) {
+        Some(Value::Object(m)) => {
             m.insert(last.to_string(), new);
         }
-        Value::Array(a) => {
+        Some(Value::Array(a)) => {
             if let Some(x) = last.parse::<usize>().ok().and_then(|i| a.get_mut(i)) {
                 *x = new;
             }
@@ -355,25 +364,11 @@ fn remove_path(v: &mut Value, path: &[&str]) {
     let Some((last, parents)) = path.split_last() else {
         return;
     };
-    let mut cur = v;
-    for seg in parents {
-        cur = match cur {
-            Value::Object(m) => match m.get_mut(*seg) {
-                Some(x) => x,
-                None => return,
-            },
-            Value::Array(a) => match seg.parse::<usize>().ok().and_then(|i| a.get_mut(i)) {
-                Some(x) => x,
-                None => return,
-            },
-            _ => return,
-        };
-    }
-    match cur {
-        Value::Object(m) => {
+    match walk(v, parents, false) {
+        Some(Value::Object(m)) => {
             m.remove(*last);
         }
-        Value::Array(a) => {
+        Some(Value::Array(a)) => {
             if let Some(i) = last.parse::<usize>().ok().filter(|&i| i < a.len()) {
                 a.remove(i);
             }
