@@ -586,16 +586,16 @@ impl Ipam {
         Ok(out)
     }
 
-    /// The blocks this node owns, for blackhole routes.
     /// Blocks the cluster store gives to other nodes, in every pool.
     pub async fn foreign_claims(&self) -> Result<Vec<BlockClaim>, IpamError> {
         let mut claims = Vec::new();
-        for usage in self.pools() {
-            claims.extend(self.cluster.foreign_blocks(&usage.pool.name).await?);
+        for pool in self.pool_specs() {
+            claims.extend(self.cluster.foreign_blocks(&pool.name).await?);
         }
         Ok(claims)
     }
 
+    /// The blocks this node owns, for blackhole routes.
     pub fn owned_blocks(&self) -> Vec<Ipv4Net> {
         self.lock().owned_blocks()
     }
