@@ -426,11 +426,11 @@ fn file_pool(i: usize, p: &FilePool, default_block: u8) -> Result<PoolSpec, Conf
         name: name.to_string(),
         cidr,
         block_size,
-        namespaces: p.namespaces.iter().map(|n| n.trim().to_string()).collect(),
+        namespaces: PoolSpec::trimmed_names(&p.namespaces),
         nat_outgoing: p.nat_outgoing,
         snat_address,
         isolated: p.isolated,
-        allow_from: p.allow_from.iter().map(|n| n.trim().to_string()).collect(),
+        allow_from: PoolSpec::trimmed_names(&p.allow_from),
         runtime: false,
     })
 }

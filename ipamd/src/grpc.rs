@@ -230,18 +230,15 @@ fn pool_from_pb(p: Option<pb::Pool>) -> Result<PoolSpec, Status> {
                 .map_err(|_| invalid(format!("pool.snat_address {s:?} is not an IPv4 address")))?,
         ),
     };
-    // Trimmed like the config file's; empty names are refused later.
-    let trimmed =
-        |v: Vec<String>| -> Vec<String> { v.into_iter().map(|s| s.trim().to_string()).collect() };
     Ok(PoolSpec {
         name,
         cidr,
         block_size,
-        namespaces: trimmed(p.namespaces),
+        namespaces: PoolSpec::trimmed_names(&p.namespaces),
         nat_outgoing: p.nat_outgoing,
         snat_address,
         isolated: p.isolated,
-        allow_from: trimmed(p.allow_from),
+        allow_from: PoolSpec::trimmed_names(&p.allow_from),
         runtime: true,
     })
 }

@@ -80,6 +80,12 @@ pub struct PoolSpec {
 }
 
 impl PoolSpec {
+    /// Namespace and pool names as they are stored, from a file or a client:
+    /// trimmed (empty ones are refused by validation).
+    pub fn trimmed_names(names: &[String]) -> Vec<String> {
+        names.iter().map(|n| n.trim().to_string()).collect()
+    }
+
     /// A pool for `namespaces` (none: the default pool) with every option off.
     pub fn new(name: &str, cidr: Ipv4Net, block_size: u8, namespaces: Vec<String>) -> Self {
         PoolSpec {
