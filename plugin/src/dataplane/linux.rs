@@ -23,6 +23,7 @@ use std::time::Instant;
 
 use futures::future::try_join_all;
 use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth};
+use netlink_packet_route::neighbour::NeighbourState;
 use netlink_packet_route::route::RouteScope;
 use nix::sys::statfs::{NSFS_MAGIC, fstatfs};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth};
@@ -431,8 +432,15 @@ async fn wire_pod(h: Handle, pod: PodSide) -> Result<[u8; 6], DataplaneError> {
     )
     .await?;
     // The gateway must be reachable on-link before the default route via it.
+    // Its permanent neighbour entry means the pod never ARPs for it: proxy
+    // ARP only answers where the node routes the gateway elsewhere, which a
+    // node without a default route does not (calico#3270).
     let gw_route = nl::route(gateway, 32, dev.index, None, RouteScope::Link);
-    nl::add_route(&h, gw_route, false, &format!("{gateway} dev {ifname}")).await?;
+    let gw_route_text = format!("{gateway} dev {ifname}");
+    futures::try_join!(
+        nl::add_route(&h, gw_route, false, &gw_route_text),
+        nl::add_permanent_neighbour(&h, dev.index, gateway, HOST_VETH_MAC, &ifname),
+    )?;
     let default = nl::route(
         Ipv4Addr::UNSPECIFIED,
         0,
@@ -547,6 +555,18 @@ async fn check_pod(
         problems.push(format!(
             "default route via {gateway} dev {ifname} is missing"
         ));
+    }
+    match nl::neighbour(h, dev.index, gateway).await? {
+        Some((NeighbourState::Permanent, Some(HOST_VETH_MAC))) => {}
+        Some((state, mac)) => problems.push(format!(
+            "neighbour {gateway} on {ifname} is {state:?} lladdr {}, expected PERMANENT lladdr {}",
+            mac.as_ref().map_or("none".into(), nl::show_mac),
+            nl::show_mac(&HOST_VETH_MAC)
+        )),
+        None => problems.push(format!(
+            "permanent neighbour {gateway} lladdr {} on {ifname} is missing",
+            nl::show_mac(&HOST_VETH_MAC)
+        )),
     }
     Ok(problems)
 }

@@ -7,6 +7,9 @@ use futures::TryStreamExt;
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
+};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteScope,
 };
@@ -170,6 +173,64 @@ pub(super) async fn add_address(
         .execute()
         .await
         .map_err(|e| failed(format!("add address {ip}/32 to {ifname}"), e))
+}
+
+/// `ip neigh replace <ip> lladdr <mac> dev <index> nud permanent`.
+pub(super) async fn add_permanent_neighbour(
+    h: &Handle,
+    index: u32,
+    ip: Ipv4Addr,
+    mac: [u8; 6],
+    ifname: &str,
+) -> Result<(), DataplaneError> {
+    h.neighbours()
+        .add(index, IpAddr::V4(ip))
+        .link_layer_address(&mac)
+        .state(NeighbourState::Permanent)
+        .replace()
+        .execute()
+        .await
+        .map_err(|e| failed(format!("add neighbour {ip} lladdr {} dev {ifname}", show_mac(&mac)), e))
+}
+
+/// The neighbour entry for `ip` on link `index`: its state and MAC.
+pub(super) async fn neighbour(
+    h: &Handle,
+    index: u32,
+    ip: Ipv4Addr,
+) -> Result<Option<(NeighbourState, Option<[u8; 6]>)>, DataplaneError> {
+    let all: Vec<NeighbourMessage> = h
+        .neighbours()
+        .get()
+        .set_address_family(AddressFamily::Inet)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|e| failed("dump neighbours", e))?;
+    Ok(all
+        .iter()
+        .filter(|m| m.header.ifindex == index)
+        .find_map(|m| {
+            let mut dst = None;
+            let mut mac = None;
+            for a in &m.attributes {
+                match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) => dst = Some(*d),
+                    NeighbourAttribute::LinkLayerAddress(l) => {
+                        mac = <[u8; 6]>::try_from(&l[..]).ok()
+                    }
+                    _ => {}
+                }
+            }
+            (dst == Some(ip)).then_some((m.header.state, mac))
+        }))
+}
+
+pub(super) fn show_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// The main-table route the kernel would use for `dst` (`ip route get

@@ -135,6 +135,19 @@ impl World {
         World { node, pods }
     }
 
+    /// A node with no uplink and no default route, only `lo` (holding the
+    /// node's /32, as on a BGP-routed node) and the pods.
+    fn without_default_route(pods: usize) -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let base = format!("fyd-{}-{n}", std::process::id());
+        let node = Netns::new(format!("{base}-node"));
+        node.ip(&["addr", "add", "192.0.2.1/32", "dev", "lo"]);
+        let pods = (0..pods)
+            .map(|i| Netns::new(format!("{base}-pod{i}")))
+            .collect();
+        World { node, pods }
+    }
+
     fn link(&self, pod: usize, ip: &str) -> PodLink {
         PodLink {
             netns: self.pods[pod].path(),
@@ -199,6 +212,11 @@ fn setup_wires_both_sides() {
     );
     let lo = pod.ip(&["link", "show", "lo"]);
     assert!(lo.contains(",UP"), "{lo}");
+    let neigh = pod.ip(&["-4", "neigh", "show", "dev", "eth0"]);
+    assert!(
+        has_line(&neigh, &["169.254.1.1 lladdr ee:ee:ee:ee:ee:ee", "PERMANENT"]),
+        "{neigh}"
+    );
 
     let host = w.node.ip(&["link", "show", &link.host_veth]);
     assert!(host.contains("ee:ee:ee:ee:ee:ee"), "{host}");
@@ -252,6 +270,38 @@ fn two_pods_ping_each_other_through_the_node() {
         w.pods[1].exec_ok(&["ping", "-c1", "-W1", "10.244.0.2"]),
         "pod1 cannot reach pod0"
     );
+}
+
+/// The gateway does not depend on the node's routes: with no default route
+/// the host veth's proxy ARP stays silent, so only the pod's permanent
+/// neighbour entry for the gateway gets the first packet out.
+#[test]
+fn pods_reach_each_other_on_a_node_without_a_default_route() {
+    if !privileged() {
+        return;
+    }
+    let w = World::without_default_route(3);
+    let ips = ["10.244.0.2", "10.244.0.3", "10.244.0.4"];
+    let dp = LinuxDataplane::new();
+    for (i, ip) in ips.iter().enumerate() {
+        w.node.enter(|| dp.setup(&w.link(i, ip))).expect("setup");
+        // The very first packet of a fresh pod, with nothing learnt yet.
+        let first = if i == 0 { "192.0.2.1" } else { ips[0] };
+        assert!(
+            w.pods[i].exec_ok(&["ping", "-c1", "-W1", first]),
+            "pod{i}'s first ping to {first} failed"
+        );
+    }
+    for (i, pod) in w.pods.iter().enumerate() {
+        for (j, ip) in ips.iter().enumerate() {
+            if i != j {
+                assert!(pod.exec_ok(&["ping", "-c1", "-W1", ip]), "pod{i} -> {ip}");
+            }
+        }
+    }
+    for ip in ips {
+        assert!(w.node.exec_ok(&["ping", "-c1", "-W1", ip]), "node -> {ip}");
+    }
 }
 
 #[test]
@@ -592,6 +642,28 @@ fn check_detects_drift() {
         "eth0",
     ]);
     w.node.enter(|| dp.check(&link)).expect("repaired");
+
+    w.pods[0].ip(&["neigh", "del", "169.254.1.1", "dev", "eth0"]);
+    let err = w
+        .node
+        .enter(|| dp.check(&link))
+        .expect_err("gateway neighbour gone");
+    assert!(
+        matches!(err, DataplaneError::Mismatch(ref m) if m.contains("neighbour 169.254.1.1")),
+        "{err:?}"
+    );
+    w.pods[0].ip(&[
+        "neigh",
+        "replace",
+        "169.254.1.1",
+        "lladdr",
+        "ee:ee:ee:ee:ee:ee",
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
+    w.node.enter(|| dp.check(&link)).expect("neighbour repaired");
 
     w.node.ip(&["route", "del", "10.244.0.11/32"]);
     let err = w
