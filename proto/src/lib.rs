@@ -23,7 +23,7 @@ pub const DEFAULT_SOCKET: &str = "/run/ferry/ipamd.sock";
 /// The gateway every pod routes through; the host veth answers ARP for it.
 pub const POD_GATEWAY: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 1, 1);
 
-/// Host-side veth names start with this; reconcile and tests rely on it.
+/// Host-side veth names start with this (see [`is_host_veth_name`]).
 pub const HOST_VETH_PREFIX: &str = "fry";
 
 /// Versions are compatible when major and minor match (pre-1.0: the minor is the break).
@@ -45,6 +45,15 @@ pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
     let digest = hasher.finalize();
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     format!("{HOST_VETH_PREFIX}{}", &hex[..11])
+}
+
+/// Whether `name` is one [`host_veth_name`] makes: `fry` and exactly 11
+/// lowercase hex characters. Only such a link, and only when it is a veth,
+/// is ferry's to adopt or delete; an operator's `frybr0` is not.
+pub fn is_host_veth_name(name: &str) -> bool {
+    name.strip_prefix(HOST_VETH_PREFIX).is_some_and(|hash| {
+        hash.len() == 11 && hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
 }
 
 /// "a: b: c" from an error and its sources, skipping a source whose text the
@@ -115,6 +124,24 @@ mod tests {
         assert_ne!(a, host_veth_name("0123456789abcdef", "eth1"));
         // The separator keeps ("ab","c") and ("a","bc") apart.
         assert_ne!(host_veth_name("ab", "c"), host_veth_name("a", "bc"));
+    }
+
+    #[test]
+    fn only_generated_names_are_host_veth_names() {
+        assert!(is_host_veth_name(&host_veth_name("c1", "eth0")));
+        assert!(is_host_veth_name("fry0123456789a"));
+        for other in [
+            "frybr0",
+            "fry-other",
+            "fry0123456789",
+            "fry0123456789ab",
+            "fry0123456789A",
+            "fry0123456789g",
+            "xry0123456789a",
+            "",
+        ] {
+            assert!(!is_host_veth_name(other), "{other}");
+        }
     }
 
     #[test]

@@ -100,12 +100,12 @@ impl Netns {
             .collect())
     }
 
-    /// Names of the links starting with `fry` (ferry's host-side veths).
+    /// Names of ferry's host-side veths (`fry` + 11 hex).
     pub fn ferry_links(&self) -> Result<Vec<String>> {
         Ok(self
             .links()?
             .into_iter()
-            .filter(|n| n.starts_with(ferry_proto::HOST_VETH_PREFIX))
+            .filter(|n| ferry_proto::is_host_veth_name(n))
             .collect())
     }
 

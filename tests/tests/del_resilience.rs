@@ -200,7 +200,7 @@ fn ipamctl_gc_cleans_up_after_pods_gone_without_del() -> Result<()> {
     node.ns.ip(&[
         "link",
         "add",
-        "fry0orphan0001",
+        "fry0dead00beef",
         "type",
         "veth",
         "peer",
@@ -227,14 +227,14 @@ fn ipamctl_gc_cleans_up_after_pods_gone_without_del() -> Result<()> {
     ensure!(
         planned
             .iter()
-            .any(|p| p.starts_with("orphan-veth") && p.contains("fry0orphan0001")),
+            .any(|p| p.starts_with("orphan-veth") && p.contains("fry0dead00beef")),
         "{planned:?}"
     );
     ensure!(ipamd.held()?.len() == 2, "a dry run changed the state");
     ensure!(
         node.ns
             .ferry_links()?
-            .contains(&"fry0orphan0001".to_string())
+            .contains(&"fry0dead00beef".to_string())
     );
 
     let done = actions(&ipamd.ipamctl_json(&["gc"])?, "detail");
@@ -258,6 +258,54 @@ fn ipamctl_gc_cleans_up_after_pods_gone_without_del() -> Result<()> {
         "second gc: {again}"
     );
     let out = rt.del(&list, &CniCall::del(&kept), &json!({}))?;
+    ensure!(out.success(), "DEL failed: {out}");
+    Ok(())
+}
+
+/// Reconcile and `ipamctl gc` delete only ferry's own host veths: named
+/// `fry` + 11 hex and of kind veth. An operator's `frybr0` bridge and
+/// `fry-other` veth survive two reconcile looks and a gc, while a real
+/// orphan of ferry's is deleted beside them (proof that the looks ran).
+#[test]
+fn reconcile_and_gc_leave_links_that_only_look_like_ferrys_alone() -> Result<()> {
+    require_root();
+    let OneNode {
+        fabric: _fabric,
+        node,
+        ipamd,
+        list,
+        rt,
+    } = OneNode::start(IpamdConfig {
+        reconcile_interval: Some(1),
+        stale_grace: Some(1),
+        ..IpamdConfig::default()
+    })?;
+    // A live pod: reconcile acts only while it sees a ferry veth at all.
+    let pod = Pod::new()?;
+    add(&rt, &list, &pod)?;
+    node.ns.ip(&["link", "add", "frybr0", "type", "bridge"])?;
+    node.ns
+        .ip(&["link", "add", "fry-other", "type", "veth", "peer", "name", "otherpeer"])?;
+    let orphan = "fry0dead00beef";
+    node.ns
+        .ip(&["link", "add", orphan, "type", "veth", "peer", "name", "orphanpeer"])?;
+
+    wait_until("reconcile to delete the orphan veth", Duration::from_secs(30), || {
+        Ok((!node.ns.links()?.iter().any(|l| l == orphan)).then_some(()))
+    })
+    .with_context(|| ipamd.log_tail(40))?;
+    let gc = ipamd.ipamctl_json(&["gc"])?;
+    ensure!(gc.as_array().is_some_and(Vec::is_empty), "gc acted: {gc}");
+    let links = node.ns.links()?;
+    for name in ["frybr0", "fry-other", "otherpeer"] {
+        ensure!(
+            links.iter().any(|l| l == name),
+            "{name} was deleted: {links:?}\n{}",
+            ipamd.log_tail(40)
+        );
+    }
+    ensure!(pod.ns.ping(&node.ip.to_string()), "the live pod lost connectivity");
+    let out = rt.del(&list, &CniCall::del(&pod), &json!({}))?;
     ensure!(out.success(), "DEL failed: {out}");
     Ok(())
 }

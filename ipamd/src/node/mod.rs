@@ -61,10 +61,10 @@ pub struct HostLink {
 
 /// What reconcile and DEL need from the host: ferry's host veths.
 pub trait HostLinks: Send + Sync {
-    /// Links in this netns whose names start with `fry`.
+    /// ferry's host veths in this netns ([`LinkInfo::is_ferry_veth`]).
     fn fry_links(&self) -> BoxFuture<'_, Result<Vec<HostLink>, NodeError>>;
-    /// Deletes the link with `link.index` if it still bears `link.name`.
-    /// False when it is gone or is now another link.
+    /// Deletes the link with `link.index` if it still bears `link.name` and
+    /// is a ferry veth. False when it is gone or is now another link.
     fn delete_link<'a>(&'a self, link: &'a HostLink) -> BoxFuture<'a, Result<bool, NodeError>>;
 }
 
@@ -153,6 +153,14 @@ pub struct LinkInfo {
     pub mtu: u32,
     pub up: bool,
     pub loopback: bool,
+    pub veth: bool,
+}
+
+impl LinkInfo {
+    /// A host veth ferry made: its name alone is not proof (`frybr0`).
+    pub fn is_ferry_veth(&self) -> bool {
+        self.veth && ferry_proto::is_host_veth_name(&self.name)
+    }
 }
 
 /// The underlay MTU: that of the interface holding the default route, else
@@ -167,7 +175,7 @@ pub fn underlay_mtu(links: &[LinkInfo], default_route_oif: Option<u32>) -> u32 {
     links
         .iter()
         .filter(|l| {
-            l.up && !l.loopback && l.mtu > 0 && !l.name.starts_with(ferry_proto::HOST_VETH_PREFIX)
+            l.up && !l.loopback && l.mtu > 0 && !l.is_ferry_veth()
         })
         .map(|l| l.mtu)
         .min()
@@ -264,6 +272,7 @@ mod tests {
             mtu,
             up,
             loopback: name == "lo",
+            veth: name.starts_with("fry"),
         }
     }
 

@@ -2,10 +2,13 @@
 //! ipamd's own netns.
 
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
-use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::link::{
+    InfoKind, LinkAttribute, LinkFlags, LinkInfo as LinkInfoAttr, LinkMessage,
+};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType,
 };
@@ -22,6 +25,9 @@ const ESRCH: i32 = libc::ESRCH;
 #[derive(Clone)]
 pub struct NodeNet {
     handle: Handle,
+    /// The kernel runs one dump at a time per socket and answers EBUSY to a
+    /// second (reconcile's look racing `ipamctl gc`, say).
+    dumps: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl NodeNet {
@@ -30,10 +36,14 @@ impl NodeNet {
     pub fn new() -> Result<Self, NodeError> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(NodeError::Connect)?;
         tokio::spawn(conn);
-        Ok(NodeNet { handle })
+        Ok(NodeNet {
+            handle,
+            dumps: Arc::default(),
+        })
     }
 
     async fn links(&self) -> Result<Vec<LinkMessage>, NodeError> {
+        let _one_dump = self.dumps.lock().await;
         self.handle
             .link()
             .get()
@@ -48,6 +58,7 @@ impl NodeNet {
 
     async fn ipv4_routes(&self) -> Result<Vec<RouteMessage>, NodeError> {
         let query = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let _one_dump = self.dumps.lock().await;
         self.handle
             .route()
             .get(query)
@@ -68,18 +79,24 @@ impl NodeNet {
     }
 }
 
-fn link_info(msg: &LinkMessage) -> LinkInfo {
+pub(super) fn link_info(msg: &LinkMessage) -> LinkInfo {
     let mut info = LinkInfo {
         index: msg.header.index,
         name: String::new(),
         mtu: 0,
         up: msg.header.flags.contains(LinkFlags::Up),
         loopback: msg.header.flags.contains(LinkFlags::Loopback),
+        veth: false,
     };
     for attr in &msg.attributes {
         match attr {
             LinkAttribute::IfName(name) => info.name = name.clone(),
             LinkAttribute::Mtu(mtu) => info.mtu = *mtu,
+            LinkAttribute::LinkInfo(infos) => {
+                info.veth = infos
+                    .iter()
+                    .any(|i| matches!(i, LinkInfoAttr::Kind(InfoKind::Veth)));
+            }
             _ => {}
         }
     }
@@ -158,7 +175,7 @@ impl HostLinks for NodeNet {
                 .await?
                 .iter()
                 .map(link_info)
-                .filter(|l| l.name.starts_with(ferry_proto::HOST_VETH_PREFIX))
+                .filter(LinkInfo::is_ferry_veth)
                 .map(|l| HostLink {
                     name: l.name,
                     index: l.index,
@@ -180,8 +197,9 @@ impl HostLinks for NodeNet {
                 Err(e) if errno(&e) == Some(ENODEV) => return Ok(false),
                 Err(e) => return Err(failed("get", e)),
             };
-            // Indexes are not reused soon, but a name check costs nothing.
-            if current.name != link.name {
+            // Indexes are not reused soon, but a name check costs nothing;
+            // and a caller's name is no proof the link is ferry's.
+            if current.name != link.name || !current.is_ferry_veth() {
                 return Ok(false);
             }
             match self.handle.link().del(link.index).execute().await {

@@ -1,5 +1,5 @@
 //! The addresses the node's live pods use, read from the host side alone:
-//! every `fry*` host veth carries one host route `IP/32 dev fryX scope link`
+//! every host veth of ferry's (named `fry` + 11 hex, kind veth) carries one host route `IP/32 dev fryX scope link`
 //! (the plugin adds it on ADD). Used to rebuild IPAM state when the
 //! database is lost; it needs no pod netns and no runtime.
 
@@ -7,14 +7,14 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
 use futures::TryStreamExt;
-use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+use netlink_packet_route::link::LinkMessage;
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope, RouteType,
 };
 use rtnetlink::RouteMessageBuilder;
 
-use super::NodeError;
-use super::netlink::table_of;
+use super::netlink::{link_info, table_of};
+use super::{LinkInfo, NodeError};
 
 /// One address in use: `ip` is routed to host veth `link`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -23,7 +23,7 @@ pub struct VethAddress {
     pub ip: Ipv4Addr,
 }
 
-/// Lists the `fry*` links and their /32 host routes in this netns (ipamd's,
+/// Lists ferry's host veths and their /32 host routes in this netns (ipamd's,
 /// the node's). Opens its own netlink socket; call inside a tokio runtime.
 pub async fn host_veth_addresses() -> Result<Vec<VethAddress>, NodeError> {
     let (conn, handle, _) = rtnetlink::new_connection().map_err(NodeError::Connect)?;
@@ -47,19 +47,14 @@ pub async fn host_veth_addresses() -> Result<Vec<VethAddress>, NodeError> {
 }
 
 /// The /32 scope-link unicast routes of the main table whose output link
-/// is a `fry*` link, sorted by link name. A link without such a route (a
+/// is one of ferry's host veths, sorted by link name. A link without such a route (a
 /// half-made ADD) yields nothing; one with several yields each.
 fn pair(links: &[LinkMessage], routes: &[RouteMessage]) -> Vec<VethAddress> {
-    let fry: HashMap<u32, &str> = links
+    let fry: HashMap<u32, String> = links
         .iter()
-        .filter_map(|l| {
-            l.attributes.iter().find_map(|a| match a {
-                LinkAttribute::IfName(n) if n.starts_with(ferry_proto::HOST_VETH_PREFIX) => {
-                    Some((l.header.index, n.as_str()))
-                }
-                _ => None,
-            })
-        })
+        .map(link_info)
+        .filter(LinkInfo::is_ferry_veth)
+        .map(|l| (l.index, l.name))
         .collect();
     let mut out: Vec<VethAddress> = routes
         .iter()
@@ -81,7 +76,7 @@ fn pair(links: &[LinkMessage], routes: &[RouteMessage]) -> Vec<VethAddress> {
             }
             let link = fry.get(&oif?)?;
             Some(VethAddress {
-                link: link.to_string(),
+                link: link.clone(),
                 ip: ip?,
             })
         })
@@ -92,13 +87,21 @@ fn pair(links: &[LinkMessage], routes: &[RouteMessage]) -> Vec<VethAddress> {
 
 #[cfg(test)]
 mod tests {
+    use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo as LinkInfoAttr};
+
     use super::*;
 
-    fn link(index: u32, name: &str) -> LinkMessage {
+    fn link_of_kind(index: u32, name: &str, kind: InfoKind) -> LinkMessage {
         let mut m = LinkMessage::default();
         m.header.index = index;
         m.attributes.push(LinkAttribute::IfName(name.into()));
+        m.attributes
+            .push(LinkAttribute::LinkInfo(vec![LinkInfoAttr::Kind(kind)]));
         m
+    }
+
+    fn link(index: u32, name: &str) -> LinkMessage {
+        link_of_kind(index, name, InfoKind::Veth)
     }
 
     fn route(dst: &str, len: u8, oif: u32, scope: RouteScope) -> RouteMessage {
@@ -142,6 +145,21 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn links_that_only_look_like_ferrys_are_ignored() {
+        let links = [
+            link_of_kind(7, "frybr0", InfoKind::Bridge),
+            link(8, "fry-other"),
+            link_of_kind(9, "fry0123456789a", InfoKind::Dummy),
+        ];
+        let routes = [
+            route("10.244.0.3", 32, 7, RouteScope::Link),
+            route("10.244.0.4", 32, 8, RouteScope::Link),
+            route("10.244.0.5", 32, 9, RouteScope::Link),
+        ];
+        assert!(pair(&links, &routes).is_empty());
     }
 
     #[test]
