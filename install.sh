@@ -5,11 +5,17 @@
 # ipamd (a systemd unit where systemd runs, else a small supervisor loop),
 # waits until `ipamctl status` says it is ready, and only then writes the CNI
 # conflist, so the runtime never sends a pod to a node whose ipamd is not up.
+# Re-running it upgrades in place: every file is replaced atomically, and
+# ipamd is restarted only when what it runs changed.
 # `--uninstall` undoes it in the reverse order (conflist first).
 set -euo pipefail
 
 readonly UNIT_NAME=ferry-ipamd.service
 readonly CONFLIST_NAME=10-ferry.conflist
+# ipamd marks its routes with this protocol (ipamd/src/node/mod.rs).
+readonly ROUTE_PROTO=102
+# ferry's host-side veths (ferry_proto::HOST_VETH_PREFIX).
+readonly VETH_PREFIX=fry
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 readonly SCRIPT_DIR
 
@@ -32,10 +38,11 @@ WAIT_SECS=${FERRY_WAIT_SECS:-30}
 NO_SYSTEMD=${FERRY_NO_SYSTEMD:-0}
 UNINSTALL=0
 PURGE=0
+PRINT_UNIT=0
 
 usage() {
 	cat <<EOF
-Usage: install.sh [options]            install ferry on this node and start ipamd
+Usage: install.sh [options]            install (or upgrade) ferry on this node and start ipamd
        install.sh --uninstall [options] remove it (conflist first); --purge also drops state and logs
 
 Options (environment variable in brackets; flag beats variable beats default):
@@ -59,13 +66,23 @@ Options (environment variable in brackets; flag beats variable beats default):
                        bin dir has portmap)
   --wait SECS          how long to wait for ipamd to be ready [FERRY_WAIT_SECS] (default: 30)
   --no-systemd         run ipamd under a supervisor loop even where systemd runs [FERRY_NO_SYSTEMD=1]
-  --uninstall          remove ferry from this node (state dir kept)
-  --purge              with --uninstall: also remove the state dir and ferry's logs
+  --print-unit         print the systemd unit install would write, and exit
+  --uninstall          remove ferry from this node: conflist, ipamd, unit, binaries, config
+                       and ferry's blackhole routes (proto $ROUTE_PROTO); running pods (their
+                       $VETH_PREFIX* veths and /32 routes) and the state dir are left alone
+  --purge              with --uninstall: also remove ipamd's database from the state dir
+                       (db, db.flushes, db.corrupt-*; nothing else), the dir once empty,
+                       and ferry's logs
   -h, --help           this text
+
+Re-running install.sh upgrades in place: files are replaced atomically (temp
+file, fsync, rename), and ipamd is restarted only when its binary, config or
+unit changed, or it is not running.
 
 Without systemd (or with --no-systemd) ipamd runs under a bash supervisor that
 restarts it when it dies; their PIDs are in ipamd.pid and ipamd-supervisor.pid
-next to the socket.
+next to the socket. A PID is only signalled while /proc/PID/cmdline shows it
+is still ferry's process.
 EOF
 }
 
@@ -74,6 +91,7 @@ die() {
 	exit 1
 }
 log() { echo "install.sh: $*"; }
+warn() { echo "install.sh: warning: $*" >&2; }
 
 need_arg() {
 	[[ $# -ge 2 && -n $2 ]] || die "$1 needs a value"
@@ -98,6 +116,7 @@ while [[ $# -gt 0 ]]; do
 	--no-portmap) PORTMAP=0; shift ;;
 	--wait) need_arg "$@"; WAIT_SECS=$2; shift 2 ;;
 	--no-systemd) NO_SYSTEMD=1; shift ;;
+	--print-unit) PRINT_UNIT=1; shift ;;
 	--uninstall) UNINSTALL=1; shift ;;
 	--purge) PURGE=1; shift ;;
 	-h | --help) usage; exit 0 ;;
@@ -109,6 +128,21 @@ done
 [[ $WAIT_SECS =~ ^[0-9]+$ ]] || die "--wait must be a number of seconds, got '$WAIT_SECS'"
 [[ -n $NODE_NAME ]] || NODE_NAME=$(hostname)
 
+# Absolute paths: they end up in ipamd.toml, the conflist, the unit and in
+# the processes' command lines that uninstall checks.
+abs_path() {
+	[[ $1 != *$'\n'* ]] || die "paths must not contain a newline: '$1'"
+	if [[ $1 == /* ]]; then printf '%s' "$1"; else printf '%s/%s' "$PWD" "$1"; fi
+}
+PREFIX=$(abs_path "$PREFIX")
+CNI_BIN_DIR=$(abs_path "$CNI_BIN_DIR")
+CNI_CONF_DIR=$(abs_path "$CNI_CONF_DIR")
+CONFIG_DIR=$(abs_path "$CONFIG_DIR")
+SOCKET=$(abs_path "$SOCKET")
+STATE_DIR=$(abs_path "$STATE_DIR")
+LOG_DIR=$(abs_path "$LOG_DIR")
+UNIT_DIR=$(abs_path "$UNIT_DIR")
+
 RUN_DIR=$(dirname "$SOCKET")
 CONFIG_FILE=$CONFIG_DIR/ipamd.toml
 CONFLIST=$CNI_CONF_DIR/$CONFLIST_NAME
@@ -116,6 +150,7 @@ UNIT_FILE=$UNIT_DIR/$UNIT_NAME
 PIDFILE=$RUN_DIR/ipamd.pid
 SUPERVISOR_PIDFILE=$RUN_DIR/ipamd-supervisor.pid
 SUPERVISOR=$PREFIX/bin/ferry-ipamd-supervisor
+IPAMD=$PREFIX/bin/ipamd
 IPAMD_LOG=$LOG_DIR/ipamd.log
 IPAMCTL=$PREFIX/bin/ipamctl
 
@@ -133,17 +168,59 @@ toml_str() {
 # A JSON string (same escaping rules for what we write).
 json_str() { toml_str "$1"; }
 
-# Writes stdin to $1 atomically: a temp file in the same directory, then mv.
+# An argument on a unit's command line, double-quoted by systemd.service(5)'s
+# rules: \ and " are escaped, % doubled (specifiers), $ doubled (variables).
+systemd_arg() {
+	local s=${1//\\/\\\\}
+	s=${s//\"/\\\"}
+	s=${s//%/%%}
+	s=${s//\$/\$\$}
+	printf '"%s"' "$s"
+}
+
+# The executable on a unit's command line: systemd expands no variables there
+# and refuses quotes and backslashes in it outright, so only % is doubled.
+systemd_exe() {
+	[[ $1 != *[\"\'\\]* ]] || die "systemd cannot run a binary whose path holds a quote or backslash: $1"
+	printf '"%s"' "${1//%/%%}"
+}
+
+# Creates missing directories with MODE; never changes an existing one.
+make_dirs() {
+	local mode=$1 d
+	shift
+	for d in "$@"; do
+		[[ -d $d ]] || install -d -m "$mode" "$d"
+	done
+}
+
+# Writes stdin to $1 so that a reader sees the old file or the new one, never
+# a missing or partial one, also after a crash: a temp file in the same
+# directory, fsync, rename, fsync of the directory. An identical file is left
+# as it is. Sets WROTE=1 when the file was replaced, else WROTE=0.
+WROTE=0
 write_atomic() {
-	local dest=$1 mode=$2 tmp
-	mkdir -p "$(dirname "$dest")"
-	tmp=$(mktemp "$(dirname "$dest")/.$(basename "$dest").XXXXXX")
+	local dest=$1 mode=$2 dir tmp
+	dir=$(dirname "$dest")
+	mkdir -p "$dir"
+	tmp=$(mktemp "$dir/.$(basename "$dest").XXXXXX")
 	if ! cat >"$tmp"; then
 		rm -f "$tmp"
 		die "cannot write $dest"
 	fi
-	chmod "$mode" "$tmp"
-	mv -f "$tmp" "$dest"
+	if [[ -f $dest && ! -L $dest ]] && cmp -s "$tmp" "$dest"; then
+		rm -f "$tmp"
+		chmod "$mode" "$dest"
+		WROTE=0
+		return 0
+	fi
+	# coreutils sync with a path fsyncs that file (or directory).
+	if ! { chmod "$mode" "$tmp" && sync "$tmp" && mv -fT "$tmp" "$dest"; }; then
+		rm -f "$tmp"
+		die "cannot replace $dest"
+	fi
+	sync "$dir" || die "cannot fsync $dir"
+	WROTE=1
 }
 
 # True while the process runs (a zombie waiting to be reaped counts as gone).
@@ -161,24 +238,59 @@ read_pid() {
 	if [[ $pid =~ ^[0-9]+$ ]]; then echo "$pid"; fi
 }
 
+# ARGV := the command line of process $1; false when it has none (gone).
+proc_argv() {
+	ARGV=()
+	[[ -n ${1:-} ]] || return 1
+	mapfile -d '' -t ARGV <"/proc/$1/cmdline" 2>/dev/null || return 1
+	((${#ARGV[@]} > 0))
+}
+
+# True when live process $2 is ferry's $1 (supervisor or ipamd) of this
+# install, by its command line: a PID from a pidfile may have been reused.
+is_ours() {
+	local kind=$1 pid=$2
+	pid_alive "$pid" && proc_argv "$pid" || return 1
+	case $kind in
+	supervisor) [[ ${ARGV[1]:-} == */ferry-ipamd-supervisor && ${ARGV[4]:-} == "$PIDFILE" ]] ;;
+	ipamd) [[ ${ARGV[0]:-} == */ipamd && ${ARGV[1]:-} == --config && ${ARGV[2]:-} == "$CONFIG_FILE" ]] ;;
+	*) return 1 ;;
+	esac
+}
+
+# Like is_ours, but says so when the PID is live and someone else's.
+may_signal() {
+	local kind=$1 pid=$2 file=$3
+	pid_alive "$pid" || return 1
+	is_ours "$kind" "$pid" && return 0
+	proc_argv "$pid" || true
+	warn "$file names pid $pid, which is not ferry's $kind (it runs: ${ARGV[*]:-?}); not signalling it"
+	return 1
+}
+
 # Stops the supervisor (which stops ipamd gracefully), then anything left.
 stop_supervised() {
-	local sup ipamd deadline
+	local sup ipamd deadline p kind
 	sup=$(read_pid "$SUPERVISOR_PIDFILE")
 	ipamd=$(read_pid "$PIDFILE")
-	if pid_alive "$sup"; then
+	may_signal supervisor "$sup" "$SUPERVISOR_PIDFILE" || sup=""
+	may_signal ipamd "$ipamd" "$PIDFILE" || ipamd=""
+	if [[ -n $sup ]]; then
 		log "stopping the ipamd supervisor (pid $sup)"
 		kill -TERM "$sup" 2>/dev/null || true
-	elif pid_alive "$ipamd"; then
+	elif [[ -n $ipamd ]]; then
+		log "stopping ipamd (pid $ipamd)"
 		kill -TERM "$ipamd" 2>/dev/null || true
 	fi
 	deadline=$((SECONDS + 20))
 	while { pid_alive "$sup" || pid_alive "$ipamd"; } && ((SECONDS < deadline)); do
 		sleep 0.1
 	done
-	for p in "$sup" "$ipamd"; do
-		if pid_alive "$p"; then
-			echo "install.sh: pid $p did not stop on SIGTERM; killing it" >&2
+	for p in "$sup:supervisor" "$ipamd:ipamd"; do
+		kind=${p#*:} p=${p%%:*}
+		# Checked again: 20 s is long enough for a PID to be reused.
+		if is_ours "$kind" "$p"; then
+			warn "$kind (pid $p) did not stop on SIGTERM; killing it"
 			kill -KILL "$p" 2>/dev/null || true
 		fi
 	done
@@ -229,13 +341,30 @@ done
 EOF
 }
 
+# True when the supervisor and ipamd run, are ours, and run exactly what is
+# installed now (a replaced binary shows as "(deleted)" in /proc/PID/exe).
+supervised_ipamd_current() {
+	local sup ipamd want exe i
+	sup=$(read_pid "$SUPERVISOR_PIDFILE")
+	ipamd=$(read_pid "$PIDFILE")
+	is_ours supervisor "$sup" || return 1
+	want=(bash "$SUPERVISOR" "$IPAMD" "$CONFIG_FILE" "$PIDFILE" "$SUPERVISOR_PIDFILE" "$IPAMD_LOG")
+	((${#ARGV[@]} == ${#want[@]})) || return 1
+	for ((i = 1; i < ${#want[@]}; i++)); do
+		[[ ${ARGV[i]} == "${want[i]}" ]] || return 1
+	done
+	is_ours ipamd "$ipamd" && [[ ${ARGV[0]} == "$IPAMD" ]] || return 1
+	exe=$(readlink "/proc/$ipamd/exe" 2>/dev/null) || return 1
+	[[ $exe == "$(readlink -f "$IPAMD")" ]]
+}
+
 start_supervised() {
 	stop_supervised
 	mkdir -p "$RUN_DIR" "$LOG_DIR"
 	local runner=()
 	command -v setsid >/dev/null && runner=(setsid)
 	log "starting ipamd under $SUPERVISOR (log $IPAMD_LOG)"
-	nohup "${runner[@]}" "$SUPERVISOR" "$PREFIX/bin/ipamd" "$CONFIG_FILE" "$PIDFILE" \
+	nohup "${runner[@]}" "$SUPERVISOR" "$IPAMD" "$CONFIG_FILE" "$PIDFILE" \
 		"$SUPERVISOR_PIDFILE" "$IPAMD_LOG" </dev/null >>"$LOG_DIR/ipamd-supervisor.log" 2>&1 &
 	# The supervisor writes its own PID first thing; wait for it.
 	local deadline=$((SECONDS + 10))
@@ -245,8 +374,12 @@ start_supervised() {
 	done
 }
 
-start_systemd() {
-	write_atomic "$UNIT_FILE" 0644 <<EOF
+# Runs in $(...): errexit is off there, hence the explicit exits.
+unit_text() {
+	local exe arg
+	exe=$(systemd_exe "$IPAMD") || exit 1
+	arg=$(systemd_arg "$CONFIG_FILE") || exit 1
+	cat <<EOF
 # Written by ferry's install.sh.
 [Unit]
 Description=ferry per-node IPAM daemon
@@ -254,7 +387,7 @@ After=network-online.target
 Wants=network-online.target
 
 [Service]
-ExecStart=$PREFIX/bin/ipamd --config $CONFIG_FILE
+ExecStart=$exe --config $arg
 Restart=always
 RestartSec=1
 KillSignal=SIGTERM
@@ -264,10 +397,33 @@ LimitNOFILE=65536
 [Install]
 WantedBy=multi-user.target
 EOF
-	systemctl daemon-reload
+}
+
+systemd_ipamd_current() {
+	local pid exe
+	systemctl is-active --quiet "$UNIT_NAME" || return 1
+	pid=$(systemctl show -p MainPID --value "$UNIT_NAME" 2>/dev/null) || return 1
+	exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 1
+	[[ $exe == "$(readlink -f "$IPAMD")" ]]
+}
+
+# Starts ipamd, or restarts it when $1 is 1 (what it runs changed) or it does
+# not run the installed binary.
+start_systemd() {
+	local changed=$1 unit
+	unit=$(unit_text)
+	write_atomic "$UNIT_FILE" 0644 <<<"$unit"
+	if [[ $WROTE == 1 ]]; then
+		changed=1
+		systemctl daemon-reload
+	fi
 	systemctl enable "$UNIT_NAME" >/dev/null 2>&1
-	log "restarting $UNIT_NAME"
-	systemctl restart "$UNIT_NAME"
+	if [[ $changed == 0 ]] && systemd_ipamd_current; then
+		log "$UNIT_NAME runs the installed ipamd and config; not restarting it"
+	else
+		log "restarting $UNIT_NAME"
+		systemctl restart "$UNIT_NAME"
+	fi
 }
 
 ipamd_log_tail() {
@@ -333,7 +489,7 @@ write_conflist() {
 		if [[ -x $CNI_BIN_DIR/portmap ]]; then with_portmap=1; else with_portmap=0; fi
 	fi
 	if [[ $with_portmap == 1 ]]; then
-		[[ -x $CNI_BIN_DIR/portmap ]] || echo "install.sh: warning: $CNI_BIN_DIR/portmap is missing; pods will fail until it is installed" >&2
+		[[ -x $CNI_BIN_DIR/portmap ]] || warn "$CNI_BIN_DIR/portmap is missing; pods will fail until it is installed"
 		portmap_entry=',
     {"type": "portmap", "capabilities": {"portMappings": true}}'
 	fi
@@ -349,7 +505,7 @@ write_conflist() {
   ]
 }
 EOF
-	log "wrote $CONFLIST (cniVersion $version$([[ $with_portmap == 1 ]] && echo ', with portmap'))"
+	log "$([[ $WROTE == 1 ]] && echo wrote || echo kept) $CONFLIST (cniVersion $version$([[ $with_portmap == 1 ]] && echo ', with portmap'))"
 }
 
 do_install() {
@@ -362,20 +518,28 @@ do_install() {
 			die "no binaries: build with 'cargo build --release' or pass --from DIR"
 		fi
 	fi
-	local b
+	local b dest changed=0
 	for b in ferry ipamd ipamctl; do
 		[[ -x $FROM/$b ]] || die "$FROM/$b is missing (cargo build --release, or --from DIR)"
 	done
 
-	log "installing $CNI_BIN_DIR/ferry, $PREFIX/bin/ipamd, $PREFIX/bin/ipamctl"
-	install -d -m 0755 "$CNI_BIN_DIR" "$PREFIX/bin"
-	# install(1) replaces the file (new inode), so a running ipamd is not disturbed.
-	install -m 0755 "$FROM/ferry" "$CNI_BIN_DIR/ferry"
-	install -m 0755 "$FROM/ipamd" "$PREFIX/bin/ipamd"
-	install -m 0755 "$FROM/ipamctl" "$PREFIX/bin/ipamctl"
+	make_dirs 0755 "$CNI_BIN_DIR" "$PREFIX/bin"
+	# Replaced by rename: a runtime exec'ing ferry meanwhile runs the old or
+	# the new binary, and a running ipamd keeps its (old) inode.
+	for b in ferry ipamd ipamctl; do
+		dest=$PREFIX/bin/$b
+		[[ $b == ferry ]] && dest=$CNI_BIN_DIR/ferry
+		write_atomic "$dest" 0755 <"$FROM/$b"
+		if [[ $WROTE == 1 ]]; then
+			log "installed $dest"
+			[[ $b != ipamd ]] || changed=1
+		else
+			log "$dest is up to date"
+		fi
+	done
 
-	install -d -m 0755 "$CONFIG_DIR" "$LOG_DIR"
-	install -d -m 0700 "$STATE_DIR"
+	make_dirs 0755 "$CONFIG_DIR" "$LOG_DIR"
+	make_dirs 0700 "$STATE_DIR"
 	write_atomic "$CONFIG_FILE" 0644 <<EOF
 # ferry ipamd configuration, written by install.sh. Flags given to ipamd beat
 # these values; see ipamd --help for the rest ([[pools]], cooldown, ...).
@@ -385,14 +549,24 @@ node_name = $(toml_str "$NODE_NAME")
 pod_cidr = $(toml_str "$POD_CIDR")
 block_size = $BLOCK_SIZE
 EOF
-	log "wrote $CONFIG_FILE"
+	if [[ $WROTE == 1 ]]; then
+		log "wrote $CONFIG_FILE"
+		changed=1
+	else
+		log "$CONFIG_FILE is up to date"
+	fi
 
 	if systemd_running; then
 		stop_supervised
-		start_systemd
+		start_systemd "$changed"
 	else
 		write_supervisor
-		start_supervised
+		[[ $WROTE == 0 ]] || changed=1
+		if [[ $changed == 0 ]] && supervised_ipamd_current; then
+			log "ipamd (pid $(read_pid "$PIDFILE")) runs the installed binary and config; not restarting it"
+		else
+			start_supervised
+		fi
 	fi
 
 	log "waiting up to ${WAIT_SECS}s for ipamd on $SOCKET"
@@ -402,6 +576,75 @@ EOF
 	# Last: from now on the runtime sends pods to ferry.
 	write_conflist
 	log "done"
+}
+
+# The blackhole routes ipamd keeps for its blocks; pods' /32 routes are not
+# blackholes and stay.
+remove_blackholes() {
+	local routes
+	if ! command -v ip >/dev/null; then
+		warn "no ip command: ferry's blackhole routes (proto $ROUTE_PROTO) are left"
+		return 0
+	fi
+	routes=$(ip -4 route show table main proto "$ROUTE_PROTO" type blackhole 2>/dev/null |
+		awk '{print $2}' | paste -sd ' ' || true)
+	[[ -n $routes ]] || return 0
+	if ip -4 route flush table main proto "$ROUTE_PROTO" type blackhole; then
+		log "removed ferry's blackhole routes (proto $ROUTE_PROTO): $routes"
+	else
+		warn "could not remove ferry's blackhole routes (proto $ROUTE_PROTO): $routes"
+	fi
+}
+
+report_pods() {
+	local n=0 name
+	command -v ip >/dev/null || return 0
+	# "7: fry0123456789a@if2: <...>": a name ferry_proto::host_veth_name makes.
+	while read -r _ name _; do
+		name=${name%:}
+		name=${name%@*}
+		[[ ! $name =~ ^${VETH_PREFIX}[0-9a-f]{11}$ ]] || n=$((n + 1))
+	done < <(ip -o link show type veth 2>/dev/null)
+	if ((n > 0)); then
+		log "left $n running pod(s) alone: their veths ($VETH_PREFIX*) and /32 routes stay until the runtime deletes the pods"
+	else
+		log "no pod veths ($VETH_PREFIX*) on this node"
+	fi
+}
+
+# Removes only ipamd's own files from the state dir, then the dir if that
+# leaves it empty: a mistaken --state-dir must not cost anyone else's files.
+purge_state() {
+	local d=$STATE_DIR f name more="" removed=() other=()
+	case $d in
+	"" | /) die "refusing to purge state dir '$d'" ;;
+	esac
+	if [[ ! -d $d ]]; then
+		log "no state dir $d"
+		return 0
+	fi
+	for f in "$d"/* "$d"/.[!.]* "$d"/..?*; do
+		[[ -e $f || -L $f ]] || continue
+		name=${f##*/}
+		case $name in
+		db | db.flushes | db.flushes.tmp | db.corrupt-*)
+			rm -rf -- "$f"
+			removed+=("$name")
+			;;
+		*) other+=("$name") ;;
+		esac
+	done
+	if ((${#removed[@]} > 0)); then
+		log "removed ipamd's database from $d: ${removed[*]}"
+	else
+		log "$d holds none of ipamd's files (db, db.flushes, db.corrupt-*); removed nothing there"
+	fi
+	if ((${#other[@]} > 0)); then
+		((${#other[@]} <= 10)) || more=" ..."
+		log "kept $d: it also holds files that are not ferry's: ${other[*]:0:10}$more"
+	elif rmdir "$d" 2>/dev/null; then
+		log "removed $d"
+	fi
 }
 
 do_uninstall() {
@@ -417,25 +660,30 @@ do_uninstall() {
 		log "removed $UNIT_FILE"
 	fi
 	rm -f "$SOCKET" "$PIDFILE" "$SUPERVISOR_PIDFILE"
-	rm -f "$CNI_BIN_DIR/ferry" "$PREFIX/bin/ipamd" "$PREFIX/bin/ipamctl" "$SUPERVISOR"
+	rm -f "$CNI_BIN_DIR/ferry" "$IPAMD" "$IPAMCTL" "$SUPERVISOR"
 	log "removed the binaries"
 	rm -f "$CONFIG_FILE"
 	rmdir "$CONFIG_DIR" 2>/dev/null || true
 	rmdir "$RUN_DIR" 2>/dev/null || true
+	# After ipamd stopped, so that it does not put them back.
+	remove_blackholes
+	report_pods
 	if [[ $PURGE == 1 ]]; then
-		case $STATE_DIR in
-		"" | / | /var | /var/lib | /usr | /etc) die "refusing to remove state dir '$STATE_DIR'" ;;
-		esac
-		rm -rf "$STATE_DIR"
+		purge_state
 		rm -f "$IPAMD_LOG" "$LOG_DIR/ipamd-supervisor.log" "$LOG_DIR/cni.log"
 		rmdir "$LOG_DIR" 2>/dev/null || true
-		log "purged $STATE_DIR and ferry's logs in $LOG_DIR"
+		log "removed ferry's logs from $LOG_DIR"
 	else
 		log "kept the state in $STATE_DIR (use --purge to remove it)"
 	fi
 	log "ferry is uninstalled"
 }
 
+if [[ $PRINT_UNIT == 1 ]]; then
+	unit=$(unit_text)
+	printf '%s\n' "$unit"
+	exit 0
+fi
 [[ $(id -u) == 0 ]] || die "run as root"
 if [[ $UNINSTALL == 1 ]]; then
 	do_uninstall
