@@ -11,7 +11,7 @@ use crate::cni::config::{prev_result_addresses, prev_result_gateway};
 use crate::cni::error::code;
 use crate::cni::result::{AddResult, Wired};
 use crate::cni::{Attachment, CniError, GcRequest, Request, StatusRequest, version};
-use crate::dataplane::{Dataplane, DataplaneError, PodLink};
+use crate::dataplane::{Dataplane, PodLink};
 use crate::ipam::grpc::GrpcIpam;
 use crate::ipam::{IpamClient, IpamClientError, Key, Readiness};
 
@@ -58,7 +58,8 @@ fn version_json(requested: Option<&str>) -> Result<Value, CniError> {
     })
 }
 
-/// The netns ADD and CHECK work in: set and present, else 103.
+/// The netns ADD and CHECK work in: set and present, else 103; not the
+/// node's own (the plugin's), else 4.
 fn required_netns(a: &Attachment) -> Result<&Path, CniError> {
     let netns = a.netns.as_deref().ok_or_else(|| {
         CniError::new(
@@ -66,12 +67,7 @@ fn required_netns(a: &Attachment) -> Result<&Path, CniError> {
             "CNI_NETNS is not set: the pod's network namespace path is required",
         )
     })?;
-    if !netns.exists() {
-        return Err(CniError::new(
-            code::NETNS,
-            format!("network namespace {} does not exist", netns.display()),
-        ));
-    }
+    crate::cni::netns::check_pod_netns(netns, Path::new(crate::cni::netns::NODE_NETNS))?;
     Ok(netns)
 }
 
@@ -103,13 +99,11 @@ pub fn add(a: &Attachment, ipam: &dyn IpamClient, dp: &dyn Dataplane) -> Result<
     };
     let attached = match dp.setup(&link) {
         Ok(attached) => attached,
-        // A repeated ADD of a live attachment: Allocate handed back its
-        // address, and both must stay as they are.
-        Err(e @ DataplaneError::InterfaceExists { attached: true, .. }) => return Err(e.into()),
+        // A failed setup has already removed any pair it made, and a pair it
+        // did not make (a live attachment whose retried ADD failed early) is
+        // not ours to delete.
         Err(e) => {
-            // An interface that was there before us is not ours to delete.
-            let ours = !matches!(e, DataplaneError::InterfaceExists { .. });
-            rollback(&key, &link, ours, ipam, dp);
+            rollback(&key, &link, lease.created, false, ipam, dp);
             return Err(e.into());
         }
     };
@@ -129,20 +123,30 @@ pub fn add(a: &Attachment, ipam: &dyn IpamClient, dp: &dyn Dataplane) -> Result<
             Ok(v)
         }
         Err(e) => {
-            rollback(&key, &link, true, ipam, dp);
+            rollback(&key, &link, lease.created, true, ipam, dp);
             Err(e)
         }
     }
 }
 
-/// Undo a failed ADD. Errors are logged, never returned: the caller
-/// reports the error that caused the rollback.
-fn rollback(key: &Key, link: &PodLink, teardown: bool, ipam: &dyn IpamClient, dp: &dyn Dataplane) {
-    warn!(container = %key.container_id, ifname = %key.ifname, "ADD failed, rolling back");
-    if teardown && let Err(e) = dp.teardown(&link.host_veth) {
+/// Undoes what this ADD did, and only that: the pair if it made one, the
+/// address if it allocated it (a retried ADD got back an address the pod
+/// may still use; the runtime's DEL frees it). Errors are logged, never
+/// returned: the caller reports the error that caused the rollback.
+fn rollback(
+    key: &Key,
+    link: &PodLink,
+    allocated: bool,
+    made_pair: bool,
+    ipam: &dyn IpamClient,
+    dp: &dyn Dataplane,
+) {
+    warn!(container = %key.container_id, ifname = %key.ifname, allocated, made_pair,
+        "ADD failed, rolling back");
+    if made_pair && let Err(e) = dp.teardown(&link.host_veth) {
         warn!(error = %e, host_veth = %link.host_veth, "rollback: teardown failed");
     }
-    if let Err(e) = ipam.release(key) {
+    if allocated && let Err(e) = ipam.release(key) {
         warn!(error = %e, container = %key.container_id, "rollback: release failed");
     }
 }
@@ -297,6 +301,7 @@ mod tests {
     use super::*;
     use crate::cni::config::ValidAttachment;
     use crate::cni::request::parse;
+    use crate::dataplane::DataplaneError;
     use crate::dataplane::fake::{Call, FakeDataplane};
     use crate::ipam::{Lease, PodInfo};
 
@@ -312,6 +317,8 @@ mod tests {
         last_pod: RefCell<Option<PodInfo>>,
         /// What release_and_unplug answers: did ipamd take the veth over.
         unplugs: bool,
+        /// Makes only Release fail.
+        fail_release: bool,
     }
 
     fn k(key: &Key) -> (String, String, String) {
@@ -362,6 +369,9 @@ mod tests {
         }
         fn release(&self, key: &Key) -> Result<(), IpamClientError> {
             self.fail_or("release")?;
+            if self.fail_release {
+                return Err(IpamClientError::Unreachable("ipamd went away".into()));
+            }
             self.held.borrow_mut().remove(&k(key));
             Ok(())
         }
@@ -406,8 +416,9 @@ mod tests {
         }
     }
 
-    /// Always exists on Linux, so ADD gets past its netns check.
-    const NETNS: &str = "/proc/self/ns/net";
+    /// Always exists on Linux and is not the test's own netns, so ADD gets
+    /// past its netns checks; the fake dataplane never enters it.
+    const NETNS: &str = "/proc/self/ns/uts";
 
     fn request(verb: &str, version: &str, netns: &str, extra: Value) -> Request {
         let mut conf = json!({"cniVersion": version, "name": "ferry", "type": "ferry"});
@@ -508,7 +519,24 @@ mod tests {
     }
 
     #[test]
-    fn setup_failure_rolls_back_veth_and_address() {
+    fn add_and_check_in_the_node_netns_are_4_and_allocate_nothing() {
+        let ipam = FakeIpam::default();
+        let dp = FakeDataplane::new();
+        let a = attachment(request("ADD", "1.0.0", "/proc/self/ns/net", json!({})));
+        let e = add(&a, &ipam, &dp).unwrap_err();
+        assert_eq!(e.code, 4, "{e:?}");
+        let c = check_req("1.0.0", json!({"ips":[{"address":"10.244.0.1/32"}]}));
+        let c = Attachment {
+            netns: Some(PathBuf::from("/proc/self/ns/net")),
+            ..c
+        };
+        assert_eq!(check(&c, &ipam, &dp).unwrap_err().code, 4);
+        assert!(ipam.calls().is_empty());
+        assert!(dp.calls().is_empty());
+    }
+
+    #[test]
+    fn setup_failure_releases_the_new_address() {
         let ipam = FakeIpam::default();
         let dp = FakeDataplane {
             fail_setup: Some(Box::new(|| DataplaneError::Netlink {
@@ -521,24 +549,20 @@ mod tests {
         assert_eq!(e.code, 105, "the original error, not a rollback one");
         assert_eq!(ipam.calls(), ["allocate", "release"]);
         assert!(ipam.held.borrow().is_empty());
-        let calls = dp.calls();
-        assert!(matches!(
-            calls.as_slice(),
-            [Call::Setup(_), Call::Teardown { .. }]
-        ));
+        // A failed setup removes the pair it made itself.
+        assert!(matches!(dp.calls().as_slice(), [Call::Setup(_)]));
     }
 
     #[test]
     fn rollback_errors_do_not_mask_the_cause() {
-        let ipam = FakeIpam::default();
+        let ipam = FakeIpam {
+            fail_release: true,
+            ..FakeIpam::default()
+        };
         let dp = FakeDataplane {
             fail_setup: Some(Box::new(|| DataplaneError::Netlink {
                 op: "x".into(),
                 detail: "y".into(),
-            })),
-            fail_teardown: Some(Box::new(|| DataplaneError::Netlink {
-                op: "del".into(),
-                detail: "z".into(),
             })),
             ..FakeDataplane::new()
         };
@@ -546,6 +570,31 @@ mod tests {
         assert_eq!(e.code, 105);
         assert!(e.msg.starts_with("x:"), "{}", e.msg);
         assert_eq!(ipam.calls(), ["allocate", "release"]);
+    }
+
+    /// A retried ADD of a live pod that fails early (here: its netns cannot
+    /// be entered) must leave the pod's pair and address alone.
+    #[test]
+    fn a_failed_retried_add_undoes_nothing_it_did_not_do() {
+        let ipam = FakeIpam::default();
+        add(&add_req("1.0.0"), &ipam, &FakeDataplane::new()).unwrap();
+        let held = ipam.held.borrow().clone();
+        let dp = FakeDataplane {
+            fail_setup: Some(Box::new(|| DataplaneError::Netns {
+                path: PathBuf::from(NETNS),
+                source: std::io::Error::from_raw_os_error(libc::EMFILE),
+            })),
+            ..FakeDataplane::new()
+        };
+        let e = add(&add_req("1.0.0"), &ipam, &dp).unwrap_err();
+        assert_eq!(e.code, 103, "{e:?}");
+        assert_eq!(
+            ipam.calls(),
+            ["allocate", "allocate"],
+            "released a live pod's address"
+        );
+        assert_eq!(*ipam.held.borrow(), held);
+        assert_eq!(dp.teardowns(), 0, "deleted a live pod's veth");
     }
 
     #[test]

@@ -54,17 +54,41 @@ fn serve(error_version: &mut String) -> Result<Option<String>, CniError> {
 
     let container = std::env::var("CNI_CONTAINERID").unwrap_or_default();
     let _span = tracing::info_span!("cni", cmd = request.verb_name(), %container).entered();
+    if let cni::Request::Del(a) = &request {
+        for problem in &a.tolerated {
+            tracing::warn!("{problem}");
+        }
+    }
     cmd::execute(&request).inspect_err(|e| tracing::error!(code = e.code, "{e}"))
 }
 
+/// The most stdin may hold: a network config with a prevResult is a few KiB.
+const STDIN_LIMIT: u64 = 1024 * 1024;
+
 /// A terminal on stdin means a human ran `CNI_COMMAND=VERSION ferry`: do not wait.
 fn read_stdin() -> Result<Vec<u8>, CniError> {
-    let mut stdin = std::io::stdin();
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        return Ok(Vec::new());
+    }
+    read_limited(stdin, STDIN_LIMIT)
+}
+
+/// At most `limit` bytes; more is an error rather than memory spent on it.
+fn read_limited(input: impl Read, limit: u64) -> Result<Vec<u8>, CniError> {
     let mut buf = Vec::new();
-    if !stdin.is_terminal() {
-        stdin
-            .read_to_end(&mut buf)
-            .map_err(|e| CniError::new(code::IO, format!("cannot read stdin: {e}")))?;
+    input
+        .take(limit + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| CniError::new(code::IO, format!("cannot read stdin: {e}")))?;
+    if buf.len() as u64 > limit {
+        return Err(CniError::new(
+            code::DECODE,
+            format!(
+                "stdin is larger than {} MiB; a network config is never that big",
+                limit / (1024 * 1024)
+            ),
+        ));
     }
     Ok(buf)
 }
@@ -72,13 +96,11 @@ fn read_stdin() -> Result<Vec<u8>, CniError> {
 /// Logs to `logFile` (appended) and stderr; stderr only without a config.
 fn init_logging(conf: Option<&NetConf>) {
     let level = conf.map_or("info", |c| c.log_level.as_str());
-    // A bare level is for ferry's own code; at debug, h2/hyper would log every frame.
-    let directive = if level.contains('=') || level.contains(',') {
-        level.to_string()
-    } else {
-        format!("warn,ferry={level},ferry_proto={level}")
-    };
-    let filter = EnvFilter::try_new(directive).unwrap_or_else(|_| EnvFilter::new("info"));
+    // Only DEL gets here with a bad logLevel (it goes on despite one).
+    let filter = cni::config::log_directive(level)
+        .ok()
+        .and_then(|d| EnvFilter::try_new(d).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
     let mut file_problem = None;
     let file = conf
         .map(|c| c.log_file.as_str())
@@ -140,6 +162,16 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stdin_over_the_limit_is_code_6_saying_so() {
+        let limit = STDIN_LIMIT as usize;
+        let ok = read_limited(&vec![b' '; limit][..], STDIN_LIMIT).unwrap();
+        assert_eq!(ok.len(), limit);
+        let e = read_limited(&vec![b' '; limit + 1][..], STDIN_LIMIT).unwrap_err();
+        assert_eq!(e.code, 6);
+        assert!(e.msg.contains("larger than 1 MiB"), "{}", e.msg);
+    }
 
     #[test]
     fn a_panic_becomes_error_106() {

@@ -81,6 +81,119 @@ fn bad_input_rows() -> Result<()> {
         "a failed ADD left an allocation"
     );
 
+    // A mistyped or out-of-range config value -> 7, naming the field's
+    // path, before Allocate: nothing is spent (mtu 10 used to reach the kernel).
+    let rows: &[(&str, Value)] = &[
+        ("mtu", json!("big")),
+        ("mtu", json!(-1)),
+        ("mtu", json!(10)),
+        ("mtu", json!(65536)),
+        ("ipamd.timeoutMs", json!("5s")),
+        ("ipamd.timeoutMs", json!(0)),
+        ("ipamd.timeoutMs", json!(600_001)),
+        ("ipamd.socket", json!(5)),
+        ("ipamd.socket", json!("")),
+        ("ipamd.socket", json!("ipamd.sock")),
+        ("logLevel", json!(3)),
+        ("logLevel", json!("")),
+        ("logLevel", json!("verbose")),
+        ("logFile", json!(false)),
+    ];
+    for (field, value) in rows {
+        let mut c = conf.clone();
+        match field.split_once('.') {
+            Some((outer, inner)) => c[outer][inner] = value.clone(),
+            None => c[*field] = value.clone(),
+        }
+        let row = format!("{field} = {value}");
+        let out = cni.ferry(&add, &c)?;
+        expect_error(&row, &out, 7)?;
+        ensure!(
+            out.msg().contains(&format!("{field}: ")),
+            "{row}: the message does not name {field}: {out}"
+        );
+    }
+    // DEL does not use mtu or logLevel: a bad one must not wedge it.
+    let mut c = conf.clone();
+    c["mtu"] = json!(10);
+    c["logLevel"] = json!("verbose");
+    let out = cni.ferry(&CniCall::del(&pod), &c)?;
+    ensure!(
+        out.success(),
+        "DEL with a bad mtu and logLevel failed: {out}"
+    );
+
+    // stdin over 1 MiB -> 6, though it is a valid config otherwise.
+    let mut big = conf.clone();
+    big["padding"] = json!("x".repeat(1024 * 1024));
+    let out = cni.ferry(&add, &big)?;
+    expect_error("stdin over 1 MiB", &out, 6)?;
+    ensure!(
+        out.msg().contains("larger than 1 MiB"),
+        "stdin over 1 MiB: the message does not say so: {out}"
+    );
+
+    // CNI_NETNS naming the node's own netns (the plugin runs there) -> 4 on
+    // ADD and CHECK, and nothing lands on the node. With a free ifname, ADD
+    // would otherwise wire the node itself.
+    let node_links = node.ns.links()?;
+    let node_ns = node.ns.path().display().to_string();
+    for netns in [node_ns.as_str(), "/proc/self/ns/net"] {
+        for verb in ["ADD", "CHECK"] {
+            let call = CniCall {
+                ifname: Some("pod0".into()),
+                ..add.clone().with_command(verb).with_netns(Some(netns))
+            };
+            let row = format!("{verb} with CNI_NETNS={netns}");
+            let out = cni.ferry(&call, &conf)?;
+            expect_error(&row, &out, 4)?;
+            ensure!(
+                out.msg().contains("CNI_NETNS") && out.msg().contains(netns),
+                "{row}: the message does not name CNI_NETNS {netns}: {out}"
+            );
+        }
+    }
+    ensure!(
+        node.ns.links()? == node_links,
+        "an ADD in the node netns changed its links: {:?} -> {:?}",
+        node_links,
+        node.ns.links()?
+    );
+
+    // A CNI_IFNAME the kernel refuses or would rename (%) -> 4, naming it.
+    for ifname in [
+        "",
+        ".",
+        "..",
+        "0123456789abcdef",
+        "eth 0",
+        "eth0\t",
+        "a/b",
+        "eth0:1",
+        "eth%d",
+    ] {
+        let call = CniCall {
+            ifname: Some(ifname.into()),
+            ..add.clone()
+        };
+        let row = format!("CNI_IFNAME {ifname:?}");
+        let out = cni.ferry(&call, &conf)?;
+        expect_error(&row, &out, 4)?;
+        ensure!(
+            out.msg().contains("CNI_IFNAME"),
+            "{row}: the message does not name CNI_IFNAME: {out}"
+        );
+    }
+    ensure!(
+        ipamd.allocations()?.is_empty(),
+        "a refused ADD left an allocation: {:?}",
+        ipamd.allocations()?
+    );
+    ensure!(
+        node.ns.ferry_links()?.is_empty() && !pod.ns.links()?.iter().any(|l| l == "eth0"),
+        "a refused ADD left a link"
+    );
+
     // ipamd not running -> 11, naming the socket.
     let dead_socket = node.path("nobody-here.sock");
     let out = cni.ferry(&add, &ferry_netconf(&dead_socket, "1.1.0"))?;

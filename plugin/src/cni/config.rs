@@ -3,17 +3,27 @@
 //! ignored so that a field ferry never uses cannot fail a pod.
 
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 
 use ipnet::Ipv4Net;
 use serde::Deserialize;
 use serde_json::Value;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::LevelFilter;
 
 use super::args::parse_requested_ip;
 use super::error::{CniError, code};
 
 pub const DEFAULT_LOG_FILE: &str = "/var/log/ferry/cni.log";
 pub const DEFAULT_TIMEOUT_MS: u64 = 5000;
+/// A runtime gives up on a plugin long before ten minutes.
+pub const MAX_TIMEOUT_MS: u64 = 600_000;
+/// IPv4's minimum MTU (RFC 791), also the kernel's floor for a veth.
+pub const MIN_MTU: u32 = 68;
+pub const MAX_MTU: u32 = 65535;
+/// `sun_path` holds 108 bytes, the last one a NUL.
+pub const MAX_SOCKET_PATH: usize = 107;
 const POD_ANNOTATIONS: &str = "io.kubernetes.cri.pod-annotations";
 const POOL_ANNOTATION: &str = "ferry.dev/pool";
 
@@ -81,26 +91,60 @@ fn default_log_level() -> String {
     "info".to_string()
 }
 
+fn invalid(field: &str, why: impl std::fmt::Display) -> CniError {
+    CniError::new(
+        code::INVALID_CONFIG,
+        format!("invalid network config: {field}: {why}"),
+    )
+}
+
 impl NetConf {
-    /// Well-formed JSON with the wrong shape is an invalid config (7); JSON
-    /// that does not parse at all is a decode error (6), raised by the caller.
+    /// [`NetConf::decode`] and [`NetConf::check_tunables`], as every verb
+    /// but DEL has them.
+    #[cfg(test)]
     pub fn from_value(v: Value) -> Result<Self, CniError> {
-        let conf: NetConf = serde_json::from_value(v).map_err(|e| {
+        let conf = Self::decode(v)?;
+        conf.check_tunables()?;
+        Ok(conf)
+    }
+
+    /// The config's shape, and the fields every verb uses (`name`,
+    /// `ipamd`). Well-formed JSON with the wrong shape is an invalid config
+    /// (7), naming the field's path; JSON that does not parse at all is a
+    /// decode error (6), raised by the caller.
+    pub fn decode(v: Value) -> Result<Self, CniError> {
+        let conf: NetConf = serde_path_to_error::deserialize(v).map_err(|e| {
             CniError::new(code::INVALID_CONFIG, format!("invalid network config: {e}"))
         })?;
         if conf.name.is_empty() {
-            return Err(CniError::new(
-                code::INVALID_CONFIG,
-                "invalid network config: missing network name",
-            ));
+            return Err(invalid("name", "missing: the network name is required"));
         }
-        if conf.ipamd.timeout_ms == 0 {
-            return Err(CniError::new(
-                code::INVALID_CONFIG,
-                "invalid network config: ipamd.timeoutMs must be greater than 0",
+        check_socket(&conf.ipamd.socket).map_err(|why| invalid("ipamd.socket", why))?;
+        let timeout = conf.ipamd.timeout_ms;
+        if !(1..=MAX_TIMEOUT_MS).contains(&timeout) {
+            return Err(invalid(
+                "ipamd.timeoutMs",
+                format!("{timeout} is out of range (1..={MAX_TIMEOUT_MS})"),
             ));
         }
         Ok(conf)
+    }
+
+    /// `mtu` and `logLevel`, which DEL can do without: it sets no MTU, and
+    /// logs at info when `logLevel` is bad.
+    pub fn check_tunables(&self) -> Result<(), CniError> {
+        let mtu = self.mtu;
+        if mtu != 0 && !(MIN_MTU..=MAX_MTU).contains(&mtu) {
+            // The kernel would refuse it only after Allocate.
+            return Err(invalid(
+                "mtu",
+                format!(
+                    "{mtu} is out of range (0 = the MTU ipamd detects, else {MIN_MTU}..={MAX_MTU})"
+                ),
+            ));
+        }
+        log_directive(&self.log_level).map_err(|why| invalid("logLevel", why))?;
+        Ok(())
     }
 
     /// Explicit addresses from `args.cni.ips` and `runtimeConfig.ips`.
@@ -123,15 +167,15 @@ impl NetConf {
                     format!("{field} must be an array of addresses"),
                 ));
             };
-            for item in items {
+            for (i, item) in items.iter().enumerate() {
                 let s = item.as_str().ok_or_else(|| {
                     CniError::new(
                         code::INVALID_CONFIG,
-                        format!("{field}: {item} is not a string"),
+                        format!("{field}[{i}]: {item} is not a string"),
                     )
                 })?;
                 let ip = parse_requested_ip(s).map_err(|why| {
-                    CniError::new(code::INVALID_CONFIG, format!("{field}: {why}"))
+                    CniError::new(code::INVALID_CONFIG, format!("{field}[{i}]: {why}"))
                 })?;
                 out.push(ip);
             }
@@ -149,6 +193,55 @@ impl NetConf {
             .filter(|s| !s.is_empty())
             .map(str::to_string)
     }
+}
+
+/// Where the plugin dials ipamd: an absolute path that fits a Unix socket address.
+fn check_socket(path: &Path) -> Result<(), String> {
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if !path.is_absolute() {
+        // Relative to whatever directory the runtime runs the plugin in.
+        return Err(format!("{} is not an absolute path", path.display()));
+    }
+    if bytes.contains(&0) {
+        return Err("contains a NUL byte".into());
+    }
+    if bytes.len() > MAX_SOCKET_PATH {
+        return Err(format!(
+            "{} is {} bytes long; a Unix socket path holds at most {MAX_SOCKET_PATH}",
+            path.display(),
+            bytes.len()
+        ));
+    }
+    Ok(())
+}
+
+/// The tracing filter for `logLevel`: a bare level is for ferry's own code
+/// (at debug, h2/hyper would log every frame); anything with `=` or `,` is
+/// a filter as it stands.
+pub fn log_directive(level: &str) -> Result<String, String> {
+    const LEVELS: &str = "off, error, warn, info, debug, trace";
+    let level = level.trim();
+    if level.is_empty() {
+        return Err(format!("must not be empty (one of {LEVELS}, or a filter)"));
+    }
+    // EnvFilter reads a bare word that is no level as a target name, so a
+    // typo such as "debgu" would silently log nothing.
+    for d in level.split(',').map(str::trim) {
+        if !d.contains(['=', '[']) && d.parse::<LevelFilter>().is_err() {
+            return Err(format!("{d:?} is not a level ({LEVELS})"));
+        }
+    }
+    let directive = if level.contains(['=', ',']) {
+        level.to_string()
+    } else {
+        format!("warn,ferry={level},ferry_proto={level}")
+    };
+    EnvFilter::try_new(&directive)
+        .map_err(|e| format!("{level:?} is not a level ({LEVELS}) or a tracing filter: {e}"))?;
+    Ok(directive)
 }
 
 /// The gateway a prevResult gives one of `addresses`, if it names one.
@@ -245,16 +338,112 @@ mod tests {
         assert_eq!(c.log_file, "");
     }
 
-    #[test]
-    fn wrong_shapes_are_invalid_config() {
-        for v in [
-            json!({"cniVersion":"1.0.0","type":"ferry"}),
-            json!({"cniVersion":"1.0.0","name":"n","mtu":"big"}),
-            json!({"cniVersion":"1.0.0","name":"n","ipamd":{"timeoutMs":0}}),
-            json!({"cniVersion":"1.0.0","name":"n","ipamd":{"socket":5}}),
-        ] {
-            assert_eq!(NetConf::from_value(v).unwrap_err().code, 7);
+    /// `fields` over a minimal valid config.
+    fn conf_with(fields: Value) -> Value {
+        let mut v = json!({"cniVersion":"1.0.0","name":"n","type":"ferry"});
+        if let (Some(c), Some(f)) = (v.as_object_mut(), fields.as_object()) {
+            c.extend(f.clone());
         }
+        v
+    }
+
+    #[test]
+    fn bad_fields_are_code_7_naming_their_path() {
+        let long_socket = format!("/{}", "s".repeat(MAX_SOCKET_PATH));
+        for (fields, want) in [
+            (json!({"name":""}), "name: missing"),
+            (json!({"name":5}), "name: invalid type"),
+            (json!({"mtu":"big"}), "mtu: invalid type: string \"big\""),
+            (json!({"mtu":-1}), "mtu: invalid value"),
+            (json!({"mtu":1.5}), "mtu: invalid type"),
+            (json!({"mtu":10}), "mtu: 10 is out of range"),
+            (json!({"mtu":67}), "mtu: 67 is out of range"),
+            (json!({"mtu":65536}), "mtu: 65536 is out of range"),
+            (json!({"ipamd":"x"}), "ipamd: invalid type"),
+            (json!({"ipamd":{"socket":5}}), "ipamd.socket: invalid type"),
+            (
+                json!({"ipamd":{"socket":""}}),
+                "ipamd.socket: must not be empty",
+            ),
+            (
+                json!({"ipamd":{"socket":"run/ipamd.sock"}}),
+                "ipamd.socket: run/ipamd.sock is not an absolute path",
+            ),
+            (
+                json!({"ipamd":{"socket":"/run/a\0b"}}),
+                "ipamd.socket: contains a NUL",
+            ),
+            (
+                json!({"ipamd":{"socket":long_socket}}),
+                "ipamd.socket: /sss",
+            ),
+            (
+                json!({"ipamd":{"timeoutMs":0}}),
+                "ipamd.timeoutMs: 0 is out of range",
+            ),
+            (
+                json!({"ipamd":{"timeoutMs":600_001}}),
+                "ipamd.timeoutMs: 600001 is out of range",
+            ),
+            (
+                json!({"ipamd":{"timeoutMs":"5s"}}),
+                "ipamd.timeoutMs: invalid type",
+            ),
+            (
+                json!({"logLevel":"verbose"}),
+                "logLevel: \"verbose\" is not a level",
+            ),
+            (
+                json!({"logLevel":"warn,debgu"}),
+                "logLevel: \"debgu\" is not a level",
+            ),
+            (json!({"logLevel":"ferry=loud"}), "logLevel: \"ferry=loud\""),
+            (json!({"logLevel":""}), "logLevel: must not be empty"),
+            (json!({"logLevel":7}), "logLevel: invalid type"),
+            (json!({"logFile":false}), "logFile: invalid type"),
+            (
+                json!({"cni.dev/valid-attachments":[{"containerID":"a"}]}),
+                "cni.dev/valid-attachments[0]: missing field `ifname`",
+            ),
+        ] {
+            let e = NetConf::from_value(conf_with(fields.clone())).unwrap_err();
+            assert_eq!(e.code, 7, "{fields}");
+            assert_eq!(
+                e.msg
+                    .strip_prefix("invalid network config: ")
+                    .map(|m| m.starts_with(want)),
+                Some(true),
+                "{fields}: {}",
+                e.msg
+            );
+        }
+    }
+
+    #[test]
+    fn values_at_the_edges_of_their_ranges_are_fine() {
+        for fields in [
+            json!({"mtu":0}),
+            json!({"mtu":68}),
+            json!({"mtu":65535}),
+            json!({"ipamd":{"timeoutMs":1}}),
+            json!({"ipamd":{"timeoutMs":600_000}}),
+            json!({"ipamd":{"socket":format!("/{}", "s".repeat(MAX_SOCKET_PATH - 1))}}),
+            json!({"logLevel":"off"}),
+            json!({"logLevel":"TRACE"}),
+            json!({"logLevel":"ferry=debug,h2=info"}),
+        ] {
+            let r = NetConf::from_value(conf_with(fields.clone()));
+            assert!(r.is_ok(), "{fields}: {r:?}");
+        }
+    }
+
+    #[test]
+    fn log_directive_scopes_a_bare_level_to_ferry() {
+        assert_eq!(
+            log_directive(" debug ").unwrap(),
+            "warn,ferry=debug,ferry_proto=debug"
+        );
+        assert_eq!(log_directive("ferry=trace").unwrap(), "ferry=trace");
     }
 
     #[test]
@@ -282,7 +471,9 @@ mod tests {
         let bad = NetConf::from_value(json!({"cniVersion":"1.0.0","name":"n",
             "runtimeConfig":{"ips":["fd00::5/64"]}}))
         .unwrap();
-        assert_eq!(bad.requested_ips().unwrap_err().code, 7);
+        let e = bad.requested_ips().unwrap_err();
+        assert_eq!(e.code, 7);
+        assert!(e.msg.starts_with("runtimeConfig.ips[0]: "), "{}", e.msg);
     }
 
     #[test]

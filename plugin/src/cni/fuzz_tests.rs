@@ -8,8 +8,10 @@
 //!   cniVersion, a spec code (1-7, 11) or a documented ferry code (100-107),
 //!   and a non-empty msg;
 //! - an acceptance holds up: the verb is CNI_COMMAND's, the version gates
-//!   hold, the container ID and ifname are valid, and the key, pod info,
-//!   host veth name and prevResult can be derived without a panic.
+//!   hold, the container ID and ifname are valid, every config value is in
+//!   its range (DEL may go on despite a bad `mtu` or `logLevel`), and the
+//!   key, pod info, host veth name and prevResult can be derived without a
+//!   panic.
 //!
 //! 40,000 mutated + 20,000 random cases (see `ipamd/tests/fuzz_validation.rs`
 //! for the rest of the 100,000).
@@ -22,7 +24,10 @@ use proptest::sample::Index;
 use proptest::test_runner::TestRunner;
 use serde_json::{Value, json};
 
-use super::config::prev_result_addresses;
+use super::config::{
+    MAX_MTU, MAX_SOCKET_PATH, MAX_TIMEOUT_MS, MIN_MTU, NetConf, log_directive,
+    prev_result_addresses,
+};
 use super::error::CniError;
 use super::request::{Request, error_version, parse};
 use super::version::CniVersion;
@@ -88,6 +93,8 @@ const NASTY: &[&str] = &[
     ".",
     "..",
     "eth0:1",
+    "eth%d",
+    "%",
     "a/b",
     "eth 0",
     "0123456789abcdef",
@@ -96,6 +103,14 @@ const NASTY: &[&str] = &[
     "_x",
     "ferry",
     "bad name",
+    "verbose",
+    "debgu",
+    "DEBUG",
+    "ferry=debug,h2=info",
+    "ferry=loud",
+    "warn,",
+    "ipamd.sock",
+    "/proc/self/ns/net",
     "IgnoreUnknown=1",
     "IgnoreUnknown=true;FOO=bar",
     "IgnoreUnknown=0;FOO=bar",
@@ -267,8 +282,21 @@ fn json_value() -> impl Strategy<Value = Value> {
         any::<i64>().prop_map(Value::from),
         any::<u64>().prop_map(Value::from),
         any::<f64>().prop_map(Value::from),
-        prop::sample::select(vec![0i64, -1, 1, 1500, 65536, i64::MAX, i64::MIN])
-            .prop_map(Value::from),
+        prop::sample::select(vec![
+            0i64,
+            -1,
+            1,
+            67,
+            68,
+            1500,
+            65535,
+            65536,
+            600_000,
+            600_001,
+            i64::MAX,
+            i64::MIN
+        ])
+        .prop_map(Value::from),
         nasty_string().prop_map(Value::String),
     ];
     leaf.prop_recursive(3, 16, 4, |inner| {
@@ -456,6 +484,25 @@ fn stdin_version(stdin: &[u8]) -> Option<CniVersion> {
     CniVersion::parse(v.get("cniVersion")?.as_str()?)
 }
 
+/// The config values every verb uses, in range.
+fn check_ipamd_conf(conf: &NetConf) -> Result<(), TestCaseError> {
+    prop_assert!((1..=MAX_TIMEOUT_MS).contains(&conf.ipamd.timeout_ms));
+    let socket = conf.ipamd.socket.as_os_str().len();
+    prop_assert!(conf.ipamd.socket.is_absolute() && socket <= MAX_SOCKET_PATH);
+    Ok(())
+}
+
+/// `mtu` and `logLevel`, in range.
+fn check_tunables(conf: &NetConf) -> Result<(), TestCaseError> {
+    prop_assert!(conf.mtu == 0 || (MIN_MTU..=MAX_MTU).contains(&conf.mtu));
+    prop_assert!(
+        log_directive(&conf.log_level).is_ok(),
+        "{:?}",
+        conf.log_level
+    );
+    Ok(())
+}
+
 /// An accepted request must be one the verbs can act on safely.
 fn check_acceptance(req: &Request, env: &Env, stdin: &[u8]) -> Result<(), TestCaseError> {
     prop_assert_eq!(
@@ -472,8 +519,22 @@ fn check_acceptance(req: &Request, env: &Env, stdin: &[u8]) -> Result<(), TestCa
                 a.ifname
             );
             prop_assert!(a.ifname != "." && a.ifname != "..");
+            prop_assert!(
+                !a.ifname
+                    .chars()
+                    .any(|c| matches!(c, '/' | ':' | '%') || c.is_whitespace()),
+                "{:?}",
+                a.ifname
+            );
             prop_assert!(valid_name(&a.conf.name), "{:?}", a.conf.name);
-            prop_assert!(a.conf.ipamd.timeout_ms > 0);
+            check_ipamd_conf(&a.conf)?;
+            if matches!(req, Request::Del(_)) {
+                let tolerated = check_tunables(&a.conf).is_err();
+                prop_assert!(!tolerated || !a.tolerated.is_empty());
+            } else {
+                check_tunables(&a.conf)?;
+                prop_assert!(a.tolerated.is_empty());
+            }
             prop_assert_eq!(stdin_version(stdin), Some(a.version));
             if matches!(req, Request::Check(_)) {
                 prop_assert!(a.version.has_check());
@@ -493,10 +554,14 @@ fn check_acceptance(req: &Request, env: &Env, stdin: &[u8]) -> Result<(), TestCa
         }
         Request::Status(s) => {
             prop_assert!(valid_name(&s.conf.name));
+            check_ipamd_conf(&s.conf)?;
+            check_tunables(&s.conf)?;
             prop_assert_eq!(stdin_version(stdin), Some(CniVersion::V1_1_0));
         }
         Request::Gc(g) => {
             prop_assert!(valid_name(&g.conf.name));
+            check_ipamd_conf(&g.conf)?;
+            check_tunables(&g.conf)?;
             prop_assert_eq!(stdin_version(stdin), Some(CniVersion::V1_1_0));
             prop_assert_eq!(Some(&g.valid), g.conf.valid_attachments.as_ref());
         }
@@ -507,7 +572,10 @@ fn check_acceptance(req: &Request, env: &Env, stdin: &[u8]) -> Result<(), TestCa
 /// Parses one input and checks it; returns what happened ("ok" or the code).
 fn check_input(env: &Env, stdin: &[u8]) -> Result<String, TestCaseError> {
     match parse(|k| env.get(k).cloned(), stdin) {
-        Ok(req) => check_acceptance(&req, env, stdin).map(|()| format!("{} ok", req.verb_name())),
+        Ok(req) => check_acceptance(&req, env, stdin).map(|()| match &req {
+            Request::Del(a) if !a.tolerated.is_empty() => "DEL ok despite".to_string(),
+            _ => format!("{} ok", req.verb_name()),
+        }),
         Err(e) => check_rejection(&e, stdin).map(|()| format!("code {}", e.code)),
     }
 }
@@ -591,6 +659,7 @@ fn mutated_requests_parse_or_fail_the_cni_way() {
         &[
             "ADD ok",
             "DEL ok",
+            "DEL ok despite",
             "CHECK ok",
             "STATUS ok",
             "GC ok",

@@ -11,6 +11,7 @@
 //!   - the request (`request.rs`): env validation, verbs STATUS and GC, the
 //!     per-verb version gates (CHECK >= 0.4.0, STATUS/GC >= 1.1.0);
 //!   - CNI_ARGS (`args.rs`): the crate ignores it;
+//!   - CNI_NETNS (`netns.rs`): never the node's own network namespace;
 //!   - the network config (`config.rs`): the crate's `NetworkConfig` fails
 //!     the whole config on things ferry never reads (an `sctp` port mapping,
 //!     an `ipMasq` that is not a bool);
@@ -24,6 +25,7 @@
 pub mod args;
 pub mod config;
 pub mod error;
+pub mod netns;
 pub mod request;
 pub mod result;
 pub mod version;

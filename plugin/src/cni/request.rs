@@ -63,6 +63,9 @@ pub struct Attachment {
     /// CNI_ARGS IP=, args.cni.ips, runtimeConfig.ips; ADD only.
     pub requested_ips: Vec<Ipv4Addr>,
     pub pool_hint: Option<String>,
+    /// What DEL went on despite (bad CNI_ARGS, a bad `mtu` or `logLevel`),
+    /// for the log: logging starts only after parsing.
+    pub tolerated: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -200,8 +203,15 @@ pub fn parse(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Reque
             ));
         }
     };
-    let conf = NetConf::from_value(value)?;
+    let conf = NetConf::decode(value)?;
     validate_network_name(&conf.name)?;
+    let mut tolerated = Vec::new();
+    match conf.check_tunables() {
+        Ok(()) => {}
+        // DEL must not wedge on values it does not use.
+        Err(e) if verb == Verb::Del => tolerated.push(format!("ignored on DEL: {e}")),
+        Err(e) => return Err(e),
+    }
 
     match verb {
         Verb::Check if !version.has_check() => {
@@ -238,7 +248,7 @@ pub fn parse(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Reque
         Ok(a) => a,
         // DEL must not wedge on arguments it does not need.
         Err(e) if verb == Verb::Del => {
-            tracing::warn!(error = %e, "ignoring unparsable CNI_ARGS on DEL");
+            tolerated.push(format!("ignored on DEL: {e}"));
             CniArgs::default()
         }
         Err(e) => return Err(e),
@@ -263,6 +273,7 @@ pub fn parse(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Reque
         args: cni_args,
         requested_ips,
         pool_hint,
+        tolerated,
     };
     Ok(match verb {
         Verb::Add => Request::Add(attachment),
@@ -309,7 +320,8 @@ fn validate_network_name(name: &str) -> Result<(), CniError> {
     }
 }
 
-/// The kernel's rule (dev_valid_name): 1-15 bytes, not . or .., no / : or whitespace.
+/// The kernel's rule (dev_valid_name): 1-15 bytes, not . or .., no / : or
+/// whitespace; and no `%`, which would make the kernel pick the name itself.
 fn validate_ifname(name: &str) -> Result<(), CniError> {
     let bad = |why: &str| {
         Err(CniError::new(
@@ -325,9 +337,9 @@ fn validate_ifname(name: &str) -> Result<(), CniError> {
     }
     if name
         .chars()
-        .any(|c| c == '/' || c == ':' || c.is_whitespace())
+        .any(|c| matches!(c, '/' | ':' | '%') || c.is_whitespace())
     {
-        return bad("contains '/', ':' or whitespace");
+        return bad("contains '/', ':', '%' or whitespace");
     }
     Ok(())
 }
@@ -431,21 +443,59 @@ mod tests {
     }
 
     #[test]
-    fn bad_container_id_and_ifname_are_code_4() {
+    fn bad_container_id_and_ifname_are_code_4_naming_the_variable() {
         for (k, v) in [
             ("CNI_CONTAINERID", "-abc"),
             ("CNI_CONTAINERID", "a/b"),
-            ("CNI_IFNAME", "a-very-long-ifname0"),
-            ("CNI_IFNAME", "eth 0"),
+            ("CNI_IFNAME", ""),
+            ("CNI_IFNAME", "."),
             ("CNI_IFNAME", ".."),
+            ("CNI_IFNAME", "0123456789abcdef"),
+            ("CNI_IFNAME", "eth 0"),
+            ("CNI_IFNAME", "eth0\t"),
+            ("CNI_IFNAME", "a/b"),
+            ("CNI_IFNAME", "eth0:1"),
+            ("CNI_IFNAME", "eth%d"),
         ] {
-            assert_eq!(
-                parse(env(&with(ADD, k, v)), &conf("1.0.0"))
-                    .unwrap_err()
-                    .code,
-                4
-            );
+            for verb in ["ADD", "DEL", "CHECK"] {
+                let e = parse(
+                    env(&with(&with(ADD, k, v), "CNI_COMMAND", verb)),
+                    &conf("1.0.0"),
+                )
+                .unwrap_err();
+                assert_eq!(e.code, 4, "{verb} {k}={v:?}");
+                assert!(e.msg.contains(k), "{verb} {k}={v:?}: {}", e.msg);
+            }
         }
+        // 15 bytes is the most the kernel takes.
+        assert!(
+            parse(
+                env(&with(ADD, "CNI_IFNAME", "0123456789abcde")),
+                &conf("1.0.0")
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn del_goes_on_despite_values_it_does_not_use() {
+        let bad_conf =
+            br#"{"cniVersion":"1.0.0","name":"ferry","type":"ferry","mtu":10,"logLevel":"loud"}"#;
+        for verb in ["ADD", "CHECK"] {
+            let e = parse(env(&with(ADD, "CNI_COMMAND", verb)), bad_conf).unwrap_err();
+            assert_eq!(e.code, 7, "{verb}");
+            assert!(e.msg.contains("mtu"), "{verb}: {}", e.msg);
+        }
+        let del = with(&with(ADD, "CNI_COMMAND", "DEL"), "CNI_ARGS", "FOO=1");
+        let Request::Del(a) = parse(env(&del), bad_conf).unwrap() else {
+            panic!("not DEL")
+        };
+        assert_eq!(a.tolerated.len(), 2, "{:?}", a.tolerated);
+        assert!(a.tolerated[0].contains("mtu") && a.tolerated[1].contains("CNI_ARGS"));
+        // What DEL does need still fails it.
+        let no_socket =
+            br#"{"cniVersion":"1.0.0","name":"ferry","type":"ferry","ipamd":{"socket":"x"}}"#;
+        assert_eq!(parse(env(&del), no_socket).unwrap_err().code, 7);
     }
 
     #[test]

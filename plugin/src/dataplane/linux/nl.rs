@@ -190,7 +190,12 @@ pub(super) async fn add_permanent_neighbour(
         .replace()
         .execute()
         .await
-        .map_err(|e| failed(format!("add neighbour {ip} lladdr {} dev {ifname}", show_mac(&mac)), e))
+        .map_err(|e| {
+            failed(
+                format!("add neighbour {ip} lladdr {} dev {ifname}", show_mac(&mac)),
+                e,
+            )
+        })
 }
 
 /// The neighbour entry for `ip` on link `index`: its state and MAC.

@@ -214,7 +214,10 @@ fn setup_wires_both_sides() {
     assert!(lo.contains(",UP"), "{lo}");
     let neigh = pod.ip(&["-4", "neigh", "show", "dev", "eth0"]);
     assert!(
-        has_line(&neigh, &["169.254.1.1 lladdr ee:ee:ee:ee:ee:ee", "PERMANENT"]),
+        has_line(
+            &neigh,
+            &["169.254.1.1 lladdr ee:ee:ee:ee:ee:ee", "PERMANENT"]
+        ),
         "{neigh}"
     );
 
@@ -663,7 +666,9 @@ fn check_detects_drift() {
         "nud",
         "permanent",
     ]);
-    w.node.enter(|| dp.check(&link)).expect("neighbour repaired");
+    w.node
+        .enter(|| dp.check(&link))
+        .expect("neighbour repaired");
 
     w.node.ip(&["route", "del", "10.244.0.11/32"]);
     let err = w
