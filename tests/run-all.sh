@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # tests/run-all.sh: the one command that runs every ferry test on a fresh
-# Debian machine: installs the test packages, builds, runs unit and
-# end-to-end tests. Needs root (the e2e tests create network namespaces; they
-# never change the root namespace). Exits non-zero on any failure.
+# Debian machine: installs the test packages, checks style (rustfmt, clippy
+# -D warnings), builds, runs unit and end-to-end tests. Needs root (the e2e
+# tests create network namespaces; they never change the root namespace).
+# Exits non-zero on any failure.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -20,6 +21,16 @@ step() { printf '\n=== %s\n' "$*"; }
 
 step "setup (apt packages)"
 tests/setup.sh
+
+step "style: cargo fmt --check, cargo clippy -D warnings"
+for tool in rustfmt clippy-driver; do
+	if ! command -v "$tool" >/dev/null; then
+		echo "tests/run-all.sh: $tool is missing (rustup component add ${tool%-driver})" >&2
+		exit 1
+	fi
+done
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
 
 step "cargo build --release --workspace"
 cargo build --release --workspace
