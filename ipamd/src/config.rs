@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -17,6 +18,8 @@ use crate::model::{DEFAULT_POOL, PoolSpec};
 
 /// The longest cooldown, interval or grace period accepted.
 const MAX_PERIOD: Duration = Duration::from_secs(365 * 24 * 3600);
+/// `sun_path` holds 108 bytes, the last one a NUL.
+const MAX_SOCKET_PATH: usize = 107;
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferry";
 pub const DEFAULT_POD_CIDR: &str = "10.244.0.0/16";
 pub const DEFAULT_BLOCK_SIZE: u8 = 26;
@@ -24,6 +27,8 @@ pub const DEFAULT_COOLDOWN_SECS: u64 = 30;
 pub const DEFAULT_RECONCILE_INTERVAL_SECS: u64 = 60;
 pub const DEFAULT_STALE_GRACE_SECS: u64 = 300;
 pub const DEFAULT_BLOCK_IDLE_GRACE_SECS: u64 = 600;
+/// A runtime may list valid attachments before an ADD and send GC after it.
+pub const DEFAULT_GC_MIN_AGE_SECS: u64 = 10;
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// Loopback only: metrics are for a node-local scraper unless the operator
 /// says otherwise.
@@ -64,6 +69,10 @@ pub struct Cli {
     /// Seconds a block must sit empty before it is given back [default: 600].
     #[arg(long, value_name = "SECS")]
     pub block_idle_grace: Option<u64>,
+    /// CNI GC spares allocations created or used within this many seconds
+    /// [default: 10].
+    #[arg(long, value_name = "SECS")]
+    pub gc_min_age: Option<u64>,
     /// Pod MTU; 0 = auto (underlay MTU - 20 for IPIP) [default: 0].
     #[arg(long, value_name = "N")]
     pub mtu: Option<u32>,
@@ -90,6 +99,7 @@ pub struct FileConfig {
     pub reconcile_interval: Option<u64>,
     pub stale_grace: Option<u64>,
     pub block_idle_grace: Option<u64>,
+    pub gc_min_age: Option<u64>,
     pub mtu: Option<u32>,
     pub log_level: Option<String>,
     pub metrics_addr: Option<String>,
@@ -128,6 +138,7 @@ pub struct Config {
     pub reconcile_interval: Duration,
     pub stale_grace: Duration,
     pub block_idle_grace: Duration,
+    pub gc_min_age: Duration,
     /// None = detect from the underlay.
     pub mtu: Option<u32>,
     pub log_level: String,
@@ -179,16 +190,23 @@ impl Config {
             .socket
             .or(file.socket)
             .unwrap_or_else(|| PathBuf::from(ferry_proto::DEFAULT_SOCKET));
-        if socket.as_os_str().is_empty() {
-            return Err(invalid("socket", "must not be empty"));
+        check_absolute("socket", &socket)?;
+        let socket_len = socket.as_os_str().len();
+        if socket_len > MAX_SOCKET_PATH {
+            return Err(invalid(
+                "socket",
+                format!(
+                    "{} is {socket_len} bytes long; a Unix socket path holds at most \
+                     {MAX_SOCKET_PATH}",
+                    socket.display()
+                ),
+            ));
         }
         let state_dir = cli
             .state_dir
             .or(file.state_dir)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
-        if state_dir.as_os_str().is_empty() {
-            return Err(invalid("state_dir", "must not be empty"));
-        }
+        check_absolute("state_dir", &state_dir)?;
 
         let node_name = match cli.node_name.or(file.node_name) {
             Some(name) => name,
@@ -252,16 +270,19 @@ impl Config {
                 DEFAULT_BLOCK_IDLE_GRACE_SECS,
             ),
         )?;
+        let gc_min_age = at_most_a_year(
+            "gc_min_age",
+            secs(cli.gc_min_age, file.gc_min_age, DEFAULT_GC_MIN_AGE_SECS),
+        )?;
 
         let mtu = match cli.mtu.or(file.mtu).unwrap_or(0) {
             0 => None,
-            // 576 is the smallest MTU every IPv4 host must accept; 68 is the
-            // absolute floor, but nothing useful runs that low.
-            m if (576..=65535).contains(&m) => Some(m),
+            // The IPv4 range, as the plugin checks its own `mtu`.
+            m if (68..=65535).contains(&m) => Some(m),
             m => {
                 return Err(invalid(
                     "mtu",
-                    format!("{m} is out of range (0 = auto, else 576..=65535)"),
+                    format!("{m} is out of range (0 = auto, else 68..=65535)"),
                 ));
             }
         };
@@ -270,12 +291,7 @@ impl Config {
             .log_level
             .or(file.log_level)
             .unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_string());
-        if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() || log_level.is_empty() {
-            return Err(invalid(
-                "log_level",
-                format!("{log_level:?} is not a level (trace, debug, info, warn, error) or filter"),
-            ));
-        }
+        check_log_level(&log_level)?;
 
         let metrics_addr = parse_metrics_addr(
             &cli.metrics_addr
@@ -300,6 +316,7 @@ impl Config {
             reconcile_interval,
             stale_grace,
             block_idle_grace,
+            gc_min_age,
             mtu,
             log_level,
             metrics_addr,
@@ -328,6 +345,7 @@ impl Config {
             pools: self.pools.clone(),
             cooldown: self.cooldown,
             block_idle_grace: self.block_idle_grace,
+            gc_min_age: self.gc_min_age,
         }
     }
 }
@@ -341,11 +359,69 @@ pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
 }
 
 pub fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
-    // toml's message already names the key and line.
-    toml::from_str(text).map_err(|e| ConfigError::Parse {
+    let parse_error = |message: String| ConfigError::Parse {
         path: path.to_path_buf(),
-        message: e.to_string().trim_end().to_string(),
+        message,
+    };
+    // A syntax error: toml's message shows the line.
+    let de = toml::Deserializer::parse(text).map_err(|e| parse_error(e.to_string()))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        // "." is the top level, where an unknown key is reported.
+        let key = match e.path().to_string() {
+            p if p == "." => String::new(),
+            p => format!("{p}: "),
+        };
+        let inner = e.into_inner();
+        let at = inner.span().map_or_else(String::new, |span| {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!(" (line {line}, column {column})")
+        });
+        parse_error(format!("{key}{}{at}", inner.message().trim_end()))
     })
+}
+
+fn check_absolute(key: &str, path: &Path) -> Result<(), ConfigError> {
+    if path.as_os_str().is_empty() {
+        return Err(invalid(key, "must not be empty"));
+    }
+    if !path.is_absolute() {
+        // Relative to whatever directory ipamd happens to start in.
+        return Err(invalid(
+            key,
+            format!("{} is not an absolute path", path.display()),
+        ));
+    }
+    if path.as_os_str().as_bytes().contains(&0) {
+        return Err(invalid(key, "contains a NUL byte"));
+    }
+    Ok(())
+}
+
+/// A level, or a tracing filter whose bare words are all levels:
+/// EnvFilter reads a bare word that is no level as a target name, so a typo
+/// such as "debgu" would silently log nothing.
+fn check_log_level(level: &str) -> Result<(), ConfigError> {
+    const LEVELS: &str = "off, error, warn, info, debug, trace";
+    let bad = |why: String| Err(invalid("log_level", why));
+    if level.trim().is_empty() {
+        return bad(format!("must not be empty (one of {LEVELS}, or a filter)"));
+    }
+    for d in level.split(',').map(str::trim) {
+        if !d.contains(['=', '['])
+            && d.parse::<tracing_subscriber::filter::LevelFilter>()
+                .is_err()
+        {
+            return bad(format!("{d:?} in {level:?} is not a level ({LEVELS})"));
+        }
+    }
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(level) {
+        return bad(format!(
+            "{level:?} is not a level ({LEVELS}) or a tracing filter: {e}"
+        ));
+    }
+    Ok(())
 }
 
 fn hostname() -> Option<String> {
@@ -708,10 +784,140 @@ mod tests {
 
     #[test]
     fn file_errors_name_the_key() {
-        let e = parse_file(Path::new("f.toml"), "block_size = 300").unwrap_err();
-        assert!(e.to_string().contains("block_size"), "{e}");
+        let e = parse_file(Path::new("f.toml"), "cooldown = 5\nblock_size = 300").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "config file f.toml: block_size: invalid value: integer `300`, expected u8 \
+             (line 2, column 14)"
+        );
         let e = parse_file(Path::new("f.toml"), "sokcet = \"/x\"").unwrap_err();
-        assert!(e.to_string().contains("sokcet"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("config file f.toml: sokcet: unknown field `sokcet`"),
+            "{e}"
+        );
+    }
+
+    /// Every key, from the file and as a flag: a mistyped or out-of-range
+    /// value fails naming the key.
+    #[test]
+    fn every_bad_value_names_its_key() {
+        let long_socket = format!("socket = \"/{}\"", "s".repeat(MAX_SOCKET_PATH));
+        let toml_rows: &[(&str, &str)] = &[
+            ("socket = 1", "socket: invalid type"),
+            ("socket = \"\"", "invalid socket: must not be empty"),
+            (
+                "socket = \"ipamd.sock\"",
+                "invalid socket: ipamd.sock is not an absolute",
+            ),
+            (&long_socket, "invalid socket: /sss"),
+            ("state_dir = false", "state_dir: invalid type"),
+            (
+                "state_dir = \"state\"",
+                "invalid state_dir: state is not an absolute",
+            ),
+            ("node_name = 7", "node_name: invalid type"),
+            ("node_name = \" \"", "invalid node_name: must not be empty"),
+            ("pod_cidr = 10", "pod_cidr: invalid type"),
+            ("pod_cidr = \"10.0.0.0\"", "invalid pod_cidr"),
+            ("block_size = \"26\"", "block_size: invalid type"),
+            ("block_size = 300", "block_size: invalid value"),
+            (
+                "block_size = 12",
+                "invalid block_size: 12 must be between 16",
+            ),
+            (
+                "block_size = 33",
+                "invalid block_size: 33 must be between 16",
+            ),
+            ("cooldown = -1", "cooldown: invalid value"),
+            ("cooldown = 99999999999", "invalid cooldown"),
+            (
+                "reconcile_interval = 1.5",
+                "reconcile_interval: invalid type",
+            ),
+            ("reconcile_interval = 0", "invalid reconcile_interval"),
+            ("stale_grace = \"5m\"", "stale_grace: invalid type"),
+            ("stale_grace = 99999999999", "invalid stale_grace"),
+            ("block_idle_grace = true", "block_idle_grace: invalid type"),
+            ("block_idle_grace = 99999999999", "invalid block_idle_grace"),
+            ("mtu = \"big\"", "mtu: invalid type"),
+            ("mtu = -1", "mtu: invalid value"),
+            ("mtu = 67", "invalid mtu: 67 is out of range"),
+            ("mtu = 65536", "invalid mtu: 65536 is out of range"),
+            ("log_level = 3", "log_level: invalid type"),
+            ("log_level = \"\"", "invalid log_level: must not be empty"),
+            ("log_level = \"verbose\"", "invalid log_level: \"verbose\""),
+            ("log_level = \"warn,debgu\"", "invalid log_level: \"debgu\""),
+            ("log_level = \"ipamd=loud\"", "invalid log_level"),
+            ("metrics_addr = 9641", "metrics_addr: invalid type"),
+            ("metrics_addr = \"localhost:9641\"", "invalid metrics_addr"),
+            ("sokcet = \"/x\"", "sokcet: unknown field"),
+            ("pools = 5", "pools: invalid type"),
+            (
+                "[[pools]]\nname = \"x\"\ncidr = 5",
+                "pools[0].cidr: invalid type",
+            ),
+            (
+                "[[pools]]\nname = \"x\"\ncidrr = \"1\"",
+                "pools[0].cidrr: unknown field",
+            ),
+            ("[[pools]]\nname = \"x\"", "pools[0]: missing field `cidr`"),
+            (
+                "[[pools]]\nname = \"x\"\ncidr = \"10.9.0.0/24\"\nnamespaces = [\"x\"]\nblock_size = -3",
+                "pools[0].block_size: invalid value",
+            ),
+        ];
+        for (text, want) in toml_rows {
+            let msg = parse_file(Path::new("f.toml"), text)
+                .and_then(|f| Config::merge(Cli::default(), f, node))
+                .expect_err(text)
+                .to_string();
+            assert!(msg.contains(want), "{text:?}: {msg}");
+        }
+        let flag_rows: &[(&[&str], &str)] = &[
+            (&["--socket", "ipamd.sock"], "invalid socket"),
+            (&["--state-dir", "state"], "invalid state_dir"),
+            (&["--block-size", "33"], "invalid block_size"),
+            (&["--cooldown", "99999999999"], "invalid cooldown"),
+            (&["--reconcile-interval", "0"], "invalid reconcile_interval"),
+            (&["--stale-grace", "99999999999"], "invalid stale_grace"),
+            (
+                &["--block-idle-grace", "99999999999"],
+                "invalid block_idle_grace",
+            ),
+            (&["--mtu", "67"], "invalid mtu"),
+            (&["--log-level", "verbose"], "invalid log_level"),
+            (&["--metrics-addr", "nowhere"], "invalid metrics_addr"),
+        ];
+        for (args, want) in flag_rows {
+            let argv = std::iter::once(&"ipamd").chain(args.iter());
+            let msg = err_text(Config::merge(
+                Cli::try_parse_from(argv).unwrap(),
+                FileConfig::default(),
+                node,
+            ));
+            assert!(msg.contains(want), "{args:?}: {msg}");
+        }
+        // A mistyped flag value is clap's to refuse, naming the flag.
+        for flag in ["--mtu", "--block-size", "--cooldown"] {
+            let e = Cli::try_parse_from(["ipamd", flag, "big"]).unwrap_err();
+            assert!(e.to_string().contains(flag), "{e}");
+        }
+    }
+
+    #[test]
+    fn levels_and_filters_that_are_fine() {
+        for level in [
+            "off",
+            "DEBUG",
+            "ipamd=trace,sled=info",
+            "warn,ipamd[span]=debug",
+        ] {
+            let cli = Cli::try_parse_from(["ipamd", "--log-level", level]).unwrap();
+            let r = Config::merge(cli, FileConfig::default(), node);
+            assert!(r.is_ok(), "{level}: {r:?}");
+        }
     }
 
     #[test]
@@ -788,7 +994,7 @@ mod tests {
 
     #[test]
     fn other_checks() {
-        let cli = Cli::try_parse_from(["ipamd", "--mtu", "100"]).unwrap();
+        let cli = Cli::try_parse_from(["ipamd", "--mtu", "60"]).unwrap();
         assert!(err_text(Config::merge(cli, FileConfig::default(), node)).contains("mtu"));
         let cli = Cli::try_parse_from(["ipamd", "--reconcile-interval", "0"]).unwrap();
         assert!(

@@ -11,6 +11,7 @@ use ferry_proto::v1::ipam_admin_server::IpamAdmin;
 use ferry_proto::v1::ipam_server::Ipam as IpamRpc;
 use tonic::{Code, Request, Response, Status};
 
+use crate::alloc::pool;
 use crate::config::{self, DEFAULT_BLOCK_SIZE};
 use crate::error::IpamError;
 use crate::ipam::Ipam;
@@ -60,6 +61,41 @@ fn invalid(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg.into())
 }
 
+/// Bounds on what a request may carry, checked before anything is stored:
+/// an allocation keeps these strings for as long as its pod lives.
+mod limits {
+    /// CNI network names and container IDs (runtimes use 64 hex characters).
+    pub const ID: usize = 256;
+    /// Kubernetes object names (DNS subdomains) and UIDs.
+    pub const K8S_NAME: usize = 253;
+    /// PATH_MAX.
+    pub const PATH: usize = 4096;
+    pub const REQUESTED_IPS: usize = 16;
+    /// A node's attachments, with room to spare (110 to 250 pods is usual).
+    pub const GC_VALID: usize = 65_536;
+}
+
+/// INVALID_ARGUMENT naming `field` when `value` is longer than `max` bytes.
+fn bounded(field: &str, value: &str, max: usize) -> Result<(), Status> {
+    if value.len() > max {
+        return Err(invalid(format!(
+            "{field} is {} bytes long; at most {max} are allowed",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+fn at_most<T>(field: &str, items: &[T], max: usize) -> Result<(), Status> {
+    if items.len() > max {
+        return Err(invalid(format!(
+            "{field} has {} entries; at most {max} are allowed",
+            items.len()
+        )));
+    }
+    Ok(())
+}
+
 /// The host veth the plugin asks ipamd to delete: it must be the one this
 /// key's pod hangs off, so a confused client cannot unplug anything else.
 fn parse_host_link(link: pb::HostLink, key: &AllocKey) -> Result<HostLink, Status> {
@@ -91,6 +127,12 @@ fn parse_key(key: Option<pb::AllocationKey>, field: &str) -> Result<AllocKey, St
 }
 
 fn check_key(key: &AllocKey, field: &str) -> Result<(), Status> {
+    bounded(&format!("{field}.network"), &key.network, limits::ID)?;
+    bounded(
+        &format!("{field}.container_id"),
+        &key.container_id,
+        limits::ID,
+    )?;
     if key.network.is_empty() {
         return Err(invalid(format!("{field}.network is empty")));
     }
@@ -124,14 +166,18 @@ fn parse_ip(field: &str, text: &str) -> Result<Ipv4Addr, Status> {
     }
 }
 
-fn pod_from(pod: Option<pb::PodMeta>) -> PodMeta {
+fn pod_from(pod: Option<pb::PodMeta>) -> Result<PodMeta, Status> {
     let pod = pod.unwrap_or_default();
-    PodMeta {
+    bounded("pod.namespace", &pod.namespace, limits::K8S_NAME)?;
+    bounded("pod.name", &pod.name, limits::K8S_NAME)?;
+    bounded("pod.uid", &pod.uid, limits::K8S_NAME)?;
+    bounded("pod.netns", &pod.netns, limits::PATH)?;
+    Ok(PodMeta {
         namespace: pod.namespace,
         name: pod.name,
         uid: pod.uid,
         netns: pod.netns,
-    }
+    })
 }
 
 fn non_empty(s: String) -> Option<String> {
@@ -296,6 +342,8 @@ impl IpamRpc for IpamService {
         let req = request.into_inner();
         check_version(&req.client_version)?;
         let key = parse_key(req.key, "key")?;
+        at_most("requested_ips", &req.requested_ips, limits::REQUESTED_IPS)?;
+        bounded("pool_hint", &req.pool_hint, pool::MAX_NAME_LEN)?;
         let requested_ips = req
             .requested_ips
             .iter()
@@ -304,7 +352,7 @@ impl IpamRpc for IpamService {
             .collect::<Result<Vec<_>, _>>()?;
         let params = AllocateParams {
             key,
-            pod: pod_from(req.pod),
+            pod: pod_from(req.pod)?,
             requested_ips,
             pool_hint: non_empty(req.pool_hint),
         };
@@ -389,6 +437,8 @@ impl IpamRpc for IpamService {
         if network.is_empty() {
             return Err(invalid("network is empty"));
         }
+        bounded("network", &network, limits::ID)?;
+        at_most("valid", &req.valid, limits::GC_VALID)?;
         let valid = req
             .valid
             .into_iter()
@@ -581,7 +631,7 @@ impl IpamAdmin for AdminService {
                 for a in self.one_container(&prefix)? {
                     if let Some(r) = self
                         .ipam
-                        .release(&a.key)
+                        .release_exact(&a)
                         .await
                         .map_err(|e| ipam_status(&e))?
                     {
@@ -610,7 +660,11 @@ impl IpamAdmin for AdminService {
             .map_err(|e| reconcile_status(&e))?;
         let mut findings: Vec<pb::Finding> = findings.iter().map(finding_to_pb).collect();
         // The core's own self-check: memory against what the store holds.
-        let store_diffs = self.ipam.check_consistency().map_err(|e| ipam_status(&e))?;
+        let store_diffs = self
+            .ipam
+            .check_consistency()
+            .await
+            .map_err(|e| ipam_status(&e))?;
         findings.extend(store_diffs.into_iter().map(|detail| pb::Finding {
             kind: "store-mismatch".to_string(),
             detail,

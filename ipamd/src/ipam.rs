@@ -12,7 +12,7 @@
 //! Log lines about an event (allocated, released, ...) are written here, once
 //! each, after the allocator lock is dropped and the change is durable.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -27,7 +27,7 @@ use crate::model::{
     AddressInfo, AllocKey, AllocateParams, Allocation, AllocationFilter, BlockClaim, BlockUsage,
     PoolSpec, PoolUsage, Readiness,
 };
-use crate::store::{Mutation, Seq, Store};
+use crate::store::{Mutation, Probe, Seq, Snapshot, Store, StoreError};
 
 /// Claim rounds per allocate before giving up: each round claims a block and
 /// plans again, so more than a few means other requests keep filling them.
@@ -42,6 +42,8 @@ pub struct IpamOptions {
     pub cooldown: Duration,
     /// How long a block must sit empty before it is given back.
     pub block_idle_grace: Duration,
+    /// CNI GC spares allocations created or used more recently than this.
+    pub gc_min_age: Duration,
 }
 
 /// Current time in unix milliseconds. Injectable so tests can move time.
@@ -84,6 +86,7 @@ impl IpamOptions {
             )],
             cooldown: Duration::from_secs(30),
             block_idle_grace: Duration::from_secs(600),
+            gc_min_age: Duration::ZERO,
         }
     }
 }
@@ -103,6 +106,7 @@ pub struct Ipam {
     store: Arc<dyn Store>,
     cluster: Arc<dyn ClusterStore>,
     clock: Clock,
+    gc_min_age_ms: i64,
 }
 
 enum Step {
@@ -166,6 +170,7 @@ impl Ipam {
             store,
             cluster,
             clock,
+            gc_min_age_ms: millis(opts.gc_min_age),
         })
     }
 
@@ -319,7 +324,9 @@ impl Ipam {
 
     /// Idempotent: an unknown key is Ok(None). Durable before it returns.
     pub async fn release(&self, key: &AllocKey) -> Result<Option<Allocation>, IpamError> {
-        let released = self.release_where(key, |_, _| true).await?;
+        let released = self
+            .release_where(|_| Some(key.clone()), |_, _| true)
+            .await?;
         if let Some(a) = &released {
             info!(ip = %a.ip, pool = %a.pool, container = %a.key.container_id,
                 ifname = %a.key.ifname, "released");
@@ -339,32 +346,50 @@ impl Ipam {
         expected: &Allocation,
         not_touched_since_ms: i64,
     ) -> Result<Option<Allocation>, IpamError> {
-        self.release_where(&expected.key, |current, last_activity| {
-            current.ip == expected.ip
-                && current.created_unix_ms == expected.created_unix_ms
-                && last_activity.is_none_or(|t| t < not_touched_since_ms)
-        })
+        self.release_where(
+            |_| Some(expected.key.clone()),
+            |current, last_activity| {
+                current.same_lease(expected)
+                    && last_activity.is_none_or(|t| t < not_touched_since_ms)
+            },
+        )
         .await
     }
 
-    /// Releases `key` if `keep_going(allocation, last activity)` says so,
-    /// deciding under the lock.
+    /// An operator's release of an allocation it was shown: only if its key
+    /// still holds that very allocation, never the next one the same key got
+    /// meanwhile. Ok(None) when it is gone. Does not log; the caller does.
+    pub async fn release_exact(
+        &self,
+        expected: &Allocation,
+    ) -> Result<Option<Allocation>, IpamError> {
+        self.release_where(
+            |_| Some(expected.key.clone()),
+            |current, _| current.same_lease(expected),
+        )
+        .await
+    }
+
+    /// Releases the key `find` picks if `keep_going(allocation, last
+    /// activity)` says so: both decided in one hold of the lock, so what
+    /// goes is exactly what was looked up.
     async fn release_where(
         &self,
-        key: &AllocKey,
+        find: impl FnOnce(&Allocator) -> Option<AllocKey>,
         keep_going: impl FnOnce(&Allocation, Option<i64>) -> bool,
     ) -> Result<Option<Allocation>, IpamError> {
         let (released, seq) = {
             let now = self.now();
             let mut st = self.lock();
-            match st.plan_release(key, now) {
+            let planned = find(&st).and_then(|key| st.plan_release(&key, now));
+            match planned {
                 Some((a, muts)) => {
-                    let last = self.activity(&st).get(key).copied();
+                    let last = self.activity(&st).get(&a.key).copied();
                     if !keep_going(&a, last) {
                         return Ok(None);
                     }
                     let seq = self.commit(&mut st, &muts, now)?;
-                    self.activity(&st).remove(key);
+                    self.activity(&st).remove(&a.key);
                     (Some(a), seq)
                 }
                 // A concurrent release of this key may still be flushing.
@@ -400,7 +425,9 @@ impl Ipam {
         (all, activity)
     }
 
-    /// Releases every allocation of `network` whose key is not in `valid`.
+    /// Releases every allocation of `network` whose key is not in `valid`,
+    /// except those created or used within `gc_min_age`: a runtime that
+    /// listed the valid attachments before an ADD may send GC after it.
     pub async fn gc(
         &self,
         network: &str,
@@ -408,8 +435,16 @@ impl Ipam {
     ) -> Result<Vec<Allocation>, IpamError> {
         let (gone, seq) = {
             let now = self.now();
+            let since = now.saturating_sub(self.gc_min_age_ms);
             let mut st = self.lock();
-            let (gone, muts) = st.plan_gc(network, valid, now);
+            let mut spared: Vec<AllocKey> = valid.to_vec();
+            spared.extend(
+                self.activity(&st)
+                    .iter()
+                    .filter(|&(_, &t)| t > since)
+                    .map(|(k, _)| k.clone()),
+            );
+            let (gone, muts) = st.plan_gc(network, &spared, since, now);
             let seq = self.commit(&mut st, &muts, now)?;
             let mut activity = self.activity(&st);
             for a in &gone {
@@ -517,16 +552,11 @@ impl Ipam {
         })
     }
 
-    /// Releases whatever holds `ip`; Ok(None) when nothing does.
+    /// Releases whatever holds `ip` (looked up and released in one step);
+    /// Ok(None) when nothing does. Does not log; the caller does.
     pub async fn release_ip(&self, ip: Ipv4Addr) -> Result<Option<Allocation>, IpamError> {
-        let key = self.lock().holder(ip).map(|a| a.key.clone());
-        match key {
-            Some(k) => self.release(&k).await,
-            None => {
-                self.store.durable(self.store.last_seq()).await?;
-                Ok(None)
-            }
-        }
+        self.release_where(|st| st.holder(ip).map(|a| a.key.clone()), |_, _| true)
+            .await
     }
 
     pub async fn add_pool(&self, pool: PoolSpec) -> Result<PoolSpec, IpamError> {
@@ -612,52 +642,187 @@ impl Ipam {
 
     /// Compares the in-memory state with what the store holds; each entry
     /// describes one difference. Empty means consistent.
-    pub fn check_consistency(&self) -> Result<Vec<String>, IpamError> {
-        let st = self.lock();
-        let snap = self.store.load()?;
-        let mut out = Vec::new();
+    ///
+    /// Allocate and Release go on meanwhile: the allocator lock is held only
+    /// to copy memory, and at the end for a few point reads. The store is
+    /// scanned without the lock once what memory held is durable, so a batch
+    /// committed during the scan can make an item look different. Each such
+    /// item is compared again under the lock, against the store's state as of
+    /// the same batch (`Store::probe`), and reported only if it still differs.
+    pub async fn check_consistency(&self) -> Result<Vec<String>, IpamError> {
+        let (mem, seq) = {
+            let st = self.lock();
+            (Holdings::of_memory(&st), self.store.last_seq())
+        };
+        // One consistent state of memory: this needs no store.
+        let mut out: Vec<String> = mem
+            .allocations
+            .values()
+            .filter(|a| !mem.blocks.keys().any(|(_, b)| b.contains(&a.ip)))
+            .map(|a| format!("allocation {} lies in no block this node owns", a.ip))
+            .collect();
+        out.sort();
+        // Fails only on a poisoned store, whose queued batches the probe
+        // below still sees: compare anyway.
+        if let Err(e) = self.store.durable(seq).await {
+            debug!(error = %e, "consistency check: store is not durable");
+        }
+        let store = self.store.clone();
+        let disk = match tokio::task::spawn_blocking(move || store.scan_written()).await {
+            Ok(r) => Holdings::of_snapshot(r?),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => return Err(StoreError::Closed.into()),
+        };
+        let probe = mem.differences(&disk);
+        if probe == Probe::default() {
+            return Ok(out);
+        }
+        let (mem, disk) = {
+            let st = self.lock();
+            let now = Holdings::of_memory_items(&st, &probe);
+            (now, Holdings::of_snapshot(self.store.probe(&probe)?))
+        };
+        out.extend(mem.describe_differences(&disk));
+        Ok(out)
+    }
+}
+
+/// What [`Ipam::check_consistency`] compares, as memory or the store holds it.
+#[derive(Debug, Default)]
+struct Holdings {
+    allocations: BTreeMap<AllocKey, Allocation>,
+    blocks: BTreeMap<(String, Ipv4Net), BlockClaim>,
+    cooling: BTreeMap<Ipv4Addr, i64>,
+}
+
+impl Holdings {
+    fn of_memory(st: &Allocator) -> Self {
+        Holdings {
+            allocations: st
+                .allocations(&AllocationFilter::default())
+                .into_iter()
+                .map(|a| (a.key.clone(), a))
+                .collect(),
+            blocks: st
+                .block_claims()
+                .into_iter()
+                .map(|b| ((b.pool.clone(), b.cidr), b))
+                .collect(),
+            cooling: st.cooling().into_iter().collect(),
+        }
+    }
+
+    /// Memory's view of just the probed items.
+    fn of_memory_items(st: &Allocator, p: &Probe) -> Self {
+        let wanted: BTreeSet<Ipv4Addr> = p.cooling.iter().copied().collect();
+        Holdings {
+            allocations: p
+                .allocations
+                .iter()
+                .filter_map(|k| st.get(k).map(|a| (k.clone(), a.clone())))
+                .collect(),
+            blocks: st
+                .block_claims()
+                .into_iter()
+                .map(|b| ((b.pool.clone(), b.cidr), b))
+                .filter(|(k, _)| p.blocks.contains(k))
+                .collect(),
+            cooling: if wanted.is_empty() {
+                BTreeMap::new()
+            } else {
+                st.cooling()
+                    .into_iter()
+                    .filter(|(ip, _)| wanted.contains(ip))
+                    .collect()
+            },
+        }
+    }
+
+    fn of_snapshot(s: Snapshot) -> Self {
+        Holdings {
+            allocations: s
+                .allocations
+                .into_iter()
+                .map(|a| (a.key.clone(), a))
+                .collect(),
+            blocks: s
+                .blocks
+                .into_iter()
+                .map(|b| ((b.pool.clone(), b.cidr), b))
+                .collect(),
+            cooling: s.cooling.into_iter().collect(),
+        }
+    }
+
+    /// The items that differ between the two, to look at again.
+    fn differences(&self, other: &Holdings) -> Probe {
+        fn differ<K: Ord + Clone, V: PartialEq>(a: &BTreeMap<K, V>, b: &BTreeMap<K, V>) -> Vec<K> {
+            let keys: BTreeSet<&K> = a.keys().chain(b.keys()).collect();
+            keys.into_iter()
+                .filter(|k| a.get(k) != b.get(k))
+                .cloned()
+                .collect()
+        }
+        Probe {
+            allocations: differ(&self.allocations, &other.allocations),
+            blocks: differ(&self.blocks, &other.blocks),
+            cooling: differ(&self.cooling, &other.cooling),
+        }
+    }
+
+    /// One line per difference, memory being `self`.
+    fn describe_differences(&self, disk: &Holdings) -> Vec<String> {
         let describe = |a: &Allocation| {
             format!(
                 "{} {}/{}/{}",
                 a.ip, a.key.network, a.key.container_id, a.key.ifname
             )
         };
-        let mem: BTreeSet<String> = st
-            .allocations(&AllocationFilter::default())
-            .iter()
-            .map(describe)
-            .collect();
-        let disk: BTreeSet<String> = snap.allocations.iter().map(describe).collect();
-        for d in mem.difference(&disk) {
-            out.push(format!("allocation {d} is in memory but not in the store"));
-        }
-        for d in disk.difference(&mem) {
-            out.push(format!("allocation {d} is in the store but not in memory"));
-        }
-        let mem_blocks: BTreeSet<Ipv4Net> = st.owned_blocks().into_iter().collect();
-        let disk_blocks: BTreeSet<Ipv4Net> = snap.blocks.iter().map(|b| b.cidr).collect();
-        for b in mem_blocks.symmetric_difference(&disk_blocks) {
-            out.push(format!("block {b} differs between memory and the store"));
-        }
-        if st.cooling() != snap.cooling {
-            out.push("cooling entries differ between memory and the store".into());
-        }
-        for a in st.allocations(&AllocationFilter::default()) {
-            if !mem_blocks.iter().any(|b| b.contains(&a.ip)) {
-                out.push(format!(
-                    "allocation {} lies in no block this node owns",
-                    a.ip
-                ));
+        let mut out = Vec::new();
+        for key in self.differences(disk).allocations {
+            match (self.allocations.get(&key), disk.allocations.get(&key)) {
+                (Some(m), Some(d)) if m.ip == d.ip => out.push(format!(
+                    "allocation {} differs between memory and the store",
+                    describe(m)
+                )),
+                (m, d) => {
+                    if let Some(m) = m {
+                        out.push(format!(
+                            "allocation {} is in memory but not in the store",
+                            describe(m)
+                        ));
+                    }
+                    if let Some(d) = d {
+                        out.push(format!(
+                            "allocation {} is in the store but not in memory",
+                            describe(d)
+                        ));
+                    }
+                }
             }
         }
-        Ok(out)
+        for (pool, cidr) in self.differences(disk).blocks {
+            out.push(format!(
+                "block {cidr} of pool {pool} differs between memory and the store"
+            ));
+        }
+        for ip in self.differences(disk).cooling {
+            let show =
+                |t: Option<&i64>| t.map_or("none".to_string(), |t| format!("released at {t}"));
+            out.push(format!(
+                "cooling entry of {ip} differs between memory ({}) and the store ({})",
+                show(self.cooling.get(&ip)),
+                show(disk.cooling.get(&ip))
+            ));
+        }
+        out
     }
 }
 
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
-    use std::sync::atomic::{AtomicI64, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
     use super::*;
     use crate::cluster::ClusterError;
@@ -684,6 +849,7 @@ mod tests {
             pools,
             cooldown: Duration::from_millis(COOLDOWN_MS as u64),
             block_idle_grace: Duration::from_secs(600),
+            gc_min_age: Duration::ZERO,
         }
     }
 
@@ -773,7 +939,18 @@ mod tests {
         );
         assert_eq!(ipam.release_ip(b.ip).await.unwrap(), None);
         assert_eq!(store.ip_index(), vec![(c.ip, params(3).key)]);
-        assert!(ipam.check_consistency().unwrap().is_empty());
+
+        // An operator's release names what it was shown: once the key has
+        // moved on to another address, the old listing releases nothing.
+        let shown = c.clone();
+        ipam.release(&params(3).key).await.unwrap();
+        let next = ipam.allocate(params(3)).await.unwrap();
+        assert_ne!(next.ip, shown.ip);
+        assert_eq!(ipam.release_exact(&shown).await.unwrap(), None);
+        assert_eq!(ipam.release_ip(shown.ip).await.unwrap(), None);
+        assert_eq!(ipam.get(&params(3).key), Some(next.clone()));
+        assert_eq!(ipam.release_exact(&next).await.unwrap(), Some(next));
+        assert!(ipam.check_consistency().await.unwrap().is_empty());
     }
 
     #[tokio::test]
@@ -920,7 +1097,7 @@ mod tests {
             ipam.owned_blocks(),
             vec!["10.0.0.0/30".parse::<Ipv4Net>().unwrap()]
         );
-        assert!(ipam.check_consistency().unwrap().is_empty());
+        assert!(ipam.check_consistency().await.unwrap().is_empty());
     }
 
     #[tokio::test]
@@ -941,7 +1118,7 @@ mod tests {
             ipam.allocations(&AllocationFilter::default()),
             vec![a.clone()]
         );
-        assert!(ipam.check_consistency().unwrap().is_empty());
+        assert!(ipam.check_consistency().await.unwrap().is_empty());
         assert_ne!(ipam.allocate(params(2)).await.unwrap().ip, a.ip);
     }
 
@@ -985,7 +1162,7 @@ mod tests {
         );
         assert_eq!(ipam.get(&a.key), None);
         assert!(ipam.allocations_with_activity().1.is_empty());
-        assert!(ipam.check_consistency().unwrap().is_empty());
+        assert!(ipam.check_consistency().await.unwrap().is_empty());
     }
 
     #[tokio::test]
@@ -1003,6 +1180,34 @@ mod tests {
         ipam.release(&params(1).key).await.unwrap();
         ipam.gc("ferry", &[]).await.unwrap();
         assert!(ipam.allocations_with_activity().1.is_empty());
+    }
+
+    #[tokio::test]
+    async fn gc_spares_what_was_created_or_used_within_the_grace() {
+        let store = Arc::new(MemoryStore::new());
+        let (tc, clock) = TestClock::new();
+        let options = IpamOptions {
+            gc_min_age: Duration::from_secs(10),
+            ..opts(vec![spec("default", "10.0.0.0/24", 28, &[])])
+        };
+        let ipam = Ipam::open_with_clock(options, store, Arc::new(LocalCluster), clock)
+            .await
+            .unwrap();
+        let old = ipam.allocate(params(1)).await.unwrap();
+        let reused = ipam.allocate(params(2)).await.unwrap();
+        tc.advance(9_000);
+        // A retried ADD of params(2) counts as use.
+        ipam.allocate(params(2)).await.unwrap();
+        tc.advance(2_000);
+        let fresh = ipam.allocate(params(3)).await.unwrap();
+        // The runtime listed nothing as valid: only params(1) is old enough.
+        let gone = ipam.gc("ferry", &[]).await.unwrap();
+        assert_eq!(gone, vec![old]);
+        assert_eq!(ipam.get(&params(2).key), Some(reused.clone()));
+        assert_eq!(ipam.get(&params(3).key), Some(fresh.clone()));
+        tc.advance(10_000);
+        let gone = ipam.gc("ferry", &[]).await.unwrap();
+        assert_eq!(gone, vec![reused, fresh]);
     }
 
     #[tokio::test]
@@ -1025,7 +1230,7 @@ mod tests {
         ));
         // Nothing is held in memory for the failed Allocate.
         assert_eq!(ipam.allocations(&AllocationFilter::default()), vec![a]);
-        assert!(ipam.check_consistency().unwrap().is_empty());
+        assert!(ipam.check_consistency().await.unwrap().is_empty());
     }
 
     #[tokio::test]
@@ -1058,7 +1263,7 @@ mod tests {
         assert!(ipam.get(&params(3).key).is_none());
         assert!(ipam.get(&params(1).key).is_some());
         assert_eq!(ipam.summary().allocations, 2);
-        assert!(ipam.check_consistency().unwrap().is_empty());
+        assert!(ipam.check_consistency().await.unwrap().is_empty());
     }
 
     #[tokio::test]
@@ -1148,7 +1353,7 @@ mod tests {
         // Both were offered to the cluster, although the first was refused.
         assert_eq!(*cluster.released.lock().unwrap(), gone);
         assert_eq!(ipam.owned_blocks().len(), 1);
-        assert!(ipam.check_consistency().unwrap().is_empty());
+        assert!(ipam.check_consistency().await.unwrap().is_empty());
     }
 
     /// A cluster in which another node owns some blocks and races us for
@@ -1330,7 +1535,7 @@ mod tests {
             usage.pool.runtime = usage.pool.name == "blue";
         }
         assert_eq!(ipam.pools(), expected_pools);
-        assert!(ipam.check_consistency().unwrap().is_empty());
+        assert!(ipam.check_consistency().await.unwrap().is_empty());
         // The cooldown survived the restart.
         let mut p = params(100);
         p.requested_ips = vec![released.ip];
@@ -1386,11 +1591,129 @@ mod tests {
         // 200 addresses in /28 blocks (16 each) need exactly 13 blocks:
         // no block was claimed that was not needed.
         assert_eq!(ipam.owned_blocks().len(), 13);
-        assert!(ipam.check_consistency().unwrap().is_empty());
+        assert!(ipam.check_consistency().await.unwrap().is_empty());
         drop(ipam);
         assert!(Arc::strong_count(&store) == 1);
         let snap = store.load().unwrap();
         assert_eq!(snap.allocations.len(), 200);
+    }
+
+    /// Allocates and releases from 8 tasks until told to stop; cooldown 0,
+    /// so addresses also move from key to key while the checks run.
+    fn churn(ipam: &Arc<Ipam>, stop: &Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<usize>> {
+        (0..8)
+            .map(|w| {
+                let (ipam, stop) = (ipam.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut n = 0;
+                    while !stop.load(Ordering::SeqCst) {
+                        ipam.allocate(params(w * 100 + n % 8)).await.unwrap();
+                        ipam.release(&params(w * 100 + (n + 4) % 8).key)
+                            .await
+                            .unwrap();
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect()
+    }
+
+    async fn check_stays_clean_under_churn(store: Arc<dyn Store>) {
+        let ipam = Arc::new(
+            Ipam::open(
+                IpamOptions {
+                    cooldown: Duration::ZERO,
+                    ..opts(vec![spec("default", "10.244.0.0/22", 28, &[])])
+                },
+                store,
+                Arc::new(LocalCluster),
+            )
+            .await
+            .unwrap(),
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let workers = churn(&ipam, &stop);
+        for i in 0..200 {
+            let diffs = ipam.check_consistency().await.unwrap();
+            assert!(diffs.is_empty(), "check {i} under churn: {diffs:?}");
+        }
+        stop.store(true, Ordering::SeqCst);
+        let mut rounds = 0;
+        for w in workers {
+            rounds += w.await.unwrap();
+        }
+        assert!(rounds > 0, "the checks ran without any churn");
+        assert!(ipam.check_consistency().await.unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn check_reports_nothing_under_concurrent_changes_on_sled() {
+        let dir = tempfile::tempdir().unwrap();
+        check_stays_clean_under_churn(Arc::new(SledStore::open(dir.path()).unwrap())).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn check_reports_nothing_under_concurrent_changes_in_memory() {
+        check_stays_clean_under_churn(Arc::new(MemoryStore::new())).await;
+    }
+
+    /// What the store holds behind the core's back is reported, item by item.
+    #[tokio::test]
+    async fn check_reports_real_differences() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SledStore::open(dir.path()).unwrap());
+        let ipam = Ipam::open(
+            opts(vec![spec("default", "10.0.0.0/24", 28, &[])]),
+            store.clone(),
+            Arc::new(LocalCluster),
+        )
+        .await
+        .unwrap();
+        let a = ipam.allocate(params(1)).await.unwrap();
+        let b = ipam.allocate(params(2)).await.unwrap();
+        let stray = Allocation {
+            key: params(3).key,
+            ip: ip("10.0.0.9"),
+            ..a.clone()
+        };
+        let seq = store
+            .apply(&[
+                Mutation::PutAllocation(stray),
+                Mutation::DeleteAllocation {
+                    key: b.key.clone(),
+                    ip: b.ip,
+                },
+                Mutation::PutCooling {
+                    ip: ip("10.0.0.12"),
+                    released_unix_ms: 5,
+                },
+            ])
+            .unwrap();
+        let mut diffs = ipam.check_consistency().await.unwrap();
+        diffs.sort();
+        let id = |i: usize| params(i).key.container_id;
+        assert_eq!(
+            diffs,
+            vec![
+                format!(
+                    "allocation 10.0.0.2 ferry/{}/eth0 is in memory but not in the store",
+                    id(2)
+                ),
+                format!(
+                    "allocation 10.0.0.9 ferry/{}/eth0 is in the store but not in memory",
+                    id(3)
+                ),
+                "cooling entry of 10.0.0.12 differs between memory (none) and the store \
+                 (released at 5)"
+                    .to_string(),
+            ]
+        );
+        // The same once the batch is written and durable.
+        store.durable(seq).await.unwrap();
+        let mut again = ipam.check_consistency().await.unwrap();
+        again.sort();
+        assert_eq!(again, diffs);
     }
 
     #[test]

@@ -32,6 +32,14 @@ use tracing::{info, warn};
 /// How long in-flight requests may take to finish after a stop signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Requests handled at once across all connections; more wait their turn,
+/// so a burst of runtimes or a looping client cannot exhaust ipamd.
+const MAX_CONCURRENT_REQUESTS: usize = 64;
+
+/// A handler still running after this is cancelled (the plugin sees "try
+/// again"): far beyond any plugin deadline, it only bounds a stuck one.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = match Config::load(Cli::parse()) {
@@ -194,6 +202,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     info!(socket = %config.socket.display(), "serving");
     let server = Server::builder()
+        .timeout(REQUEST_TIMEOUT)
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            MAX_CONCURRENT_REQUESTS,
+        ))
         .add_service(metrics.grpc(health_service))
         .add_service(metrics.grpc(IpamServer::new(ipam_service)))
         .add_service(metrics.grpc(IpamAdminServer::new(admin_service)))

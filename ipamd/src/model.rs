@@ -58,6 +58,15 @@ pub struct Allocation {
     pub created_unix_ms: i64,
 }
 
+impl Allocation {
+    /// The same hand-out of an address, not a later one to the same key.
+    pub fn same_lease(&self, other: &Allocation) -> bool {
+        self.key == other.key
+            && self.ip == other.ip
+            && self.created_unix_ms == other.created_unix_ms
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolSpec {
     pub name: String,

@@ -390,6 +390,7 @@ mod tests {
             pools: pools(),
             cooldown: std::time::Duration::from_secs(1),
             block_idle_grace: std::time::Duration::from_secs(600),
+            gc_min_age: std::time::Duration::ZERO,
         };
         let ipam = crate::ipam::Ipam::open(
             opts,
@@ -404,6 +405,6 @@ mod tests {
             .map(|a| a.ip)
             .collect();
         assert_eq!(held, vec!["10.244.0.5".parse::<Ipv4Addr>().unwrap()]);
-        assert!(ipam.check_consistency().unwrap().is_empty());
+        assert!(ipam.check_consistency().await.unwrap().is_empty());
     }
 }

@@ -106,6 +106,7 @@ impl World {
                 )],
                 cooldown: Duration::from_secs(1),
                 block_idle_grace: Duration::from_secs(600),
+                gc_min_age: Duration::ZERO,
             };
             let ipam = Arc::new(
                 Ipam::open(opts, Arc::new(MemoryStore::new()), Arc::new(LocalCluster))
@@ -567,8 +568,8 @@ fn run(cases: u32, strategy: impl Strategy<Value = Req>, expect: &[&str]) {
         *tally.entry(label).or_default() += 1;
         if tally.values().sum::<u32>() % 1000 == 0 {
             let diffs = world
-                .ipam
-                .check_consistency()
+                .rt
+                .block_on(world.ipam.check_consistency())
                 .map_err(|e| TestCaseError::fail(format!("check_consistency failed: {e}")))?;
             prop_assert!(diffs.is_empty(), "core and store differ: {:?}", diffs);
         }
@@ -581,7 +582,7 @@ fn run(cases: u32, strategy: impl Strategy<Value = Req>, expect: &[&str]) {
     }
     let total: u32 = tally.values().sum();
     assert!(total >= cases, "only {total} of {cases} cases ran");
-    let diffs = world.ipam.check_consistency().unwrap();
+    let diffs = world.rt.block_on(world.ipam.check_consistency()).unwrap();
     assert!(diffs.is_empty(), "core and store differ: {diffs:?}");
     // A generator that never reaches an outcome tests nothing there.
     for want in expect {
@@ -624,4 +625,109 @@ fn admin_requests_are_validated_into_documented_codes() {
             "CheckConsistency ok",
         ],
     );
+}
+
+/// Every string a request stores, and every list, has a bound: one byte or
+/// entry over it is INVALID_ARGUMENT naming the field, and nothing is
+/// stored; at the bound the request goes through.
+#[test]
+fn oversized_fields_are_refused_naming_the_field_before_anything_is_stored() {
+    let w = World::new();
+    let v = ferry_proto::CLIENT_VERSION.to_string();
+    let key = |container_id: String| pb::AllocationKey {
+        network: "ferry".into(),
+        container_id,
+        ifname: "eth0".into(),
+    };
+    let pod = |netns: String, name: String| pb::PodMeta {
+        namespace: "default".into(),
+        name,
+        uid: "uid-1".into(),
+        netns,
+    };
+    let allocate = |key: pb::AllocationKey, pod: pb::PodMeta, requested_ips: Vec<String>| {
+        pb::AllocateRequest {
+            client_version: v.clone(),
+            key: Some(key),
+            pod: Some(pod),
+            requested_ips,
+            pool_hint: String::new(),
+        }
+    };
+    let ok_pod = || pod("/var/run/netns/p".into(), "p".into());
+    let rows: Vec<(&str, pb::AllocateRequest)> = vec![
+        (
+            "key.container_id",
+            allocate(key("c".repeat(257)), ok_pod(), vec![]),
+        ),
+        (
+            "pod.netns",
+            allocate(key("c1".into()), pod("/".repeat(4097), "p".into()), vec![]),
+        ),
+        (
+            "pod.name",
+            allocate(key("c1".into()), pod("/n".into(), "p".repeat(254)), vec![]),
+        ),
+        (
+            "requested_ips",
+            allocate(
+                key("c1".into()),
+                ok_pod(),
+                (1..=17).map(|i| format!("10.244.0.{i}")).collect(),
+            ),
+        ),
+    ];
+    for (field, req) in rows {
+        let err =
+            w.rt.block_on(w.svc.allocate(Request::new(req)))
+                .expect_err(field);
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(err.message().contains(field), "{field}: {}", err.message());
+    }
+    let pool = |name: String, namespaces: Vec<String>| pb::AddPoolRequest {
+        client_version: v.clone(),
+        pool: Some(pb::Pool {
+            name,
+            cidr: "10.250.0.0/24".into(),
+            block_size: 28,
+            namespaces,
+            ..Default::default()
+        }),
+    };
+    for (field, req) in [
+        ("name", pool("p".repeat(64), vec!["team".into()])),
+        ("namespaces", pool("team".into(), vec!["n".repeat(64)])),
+    ] {
+        let err =
+            w.rt.block_on(w.admin.add_pool(Request::new(req)))
+                .expect_err(field);
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(err.message().contains(field), "{field}: {}", err.message());
+    }
+    let gc = pb::GcRequest {
+        client_version: v.clone(),
+        network: "ferry".into(),
+        valid: vec![key("c1".into()); 65_537],
+    };
+    let err = w.rt.block_on(w.svc.gc(Request::new(gc))).expect_err("gc");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("valid"), "{}", err.message());
+    assert_eq!(w.ipam.summary().allocations, 0);
+    assert_eq!(w.ipam.summary().pools, 1);
+
+    // At the bounds everything is accepted.
+    let at_bound = allocate(
+        key("c".repeat(256)),
+        pod("/".repeat(4096), "p".repeat(253)),
+        vec!["10.244.0.9".into()],
+    );
+    w.rt.block_on(w.svc.allocate(Request::new(at_bound)))
+        .expect("a request at the bounds");
+    w.rt.block_on(
+        w.admin
+            .add_pool(Request::new(pool("p".repeat(63), vec!["n".repeat(63)]))),
+    )
+    .expect("a pool at the bounds");
+    assert_eq!(w.ipam.summary().allocations, 1);
+    assert_eq!(w.ipam.summary().pools, 2);
 }

@@ -42,6 +42,8 @@ fn socket_health_ipamctl_status_gc_and_sigterm() -> Result<()> {
         IpamdConfig {
             pod_cidr: "10.244.0.0/24".into(),
             block_size: Some(28),
+            // The GC below comes right after the ADDs; pools.rs covers the grace.
+            extra_args: vec!["--gc-min-age".into(), "0".into()],
             ..IpamdConfig::default()
         },
     )?;

@@ -638,10 +638,17 @@ fn exhaustion_status_and_recovery() -> Result<()> {
     Ok(())
 }
 
+/// ipamd's `--gc-min-age` here: long enough for an ADD and the GC sent
+/// right after it, short enough to wait for.
+const GC_MIN_AGE_SECS: u64 = 3;
+
 #[test]
 fn gc_releases_what_is_not_valid_and_removes_its_veths() -> Result<()> {
     require_root();
-    let w = OneNode::start(IpamdConfig::default())?;
+    let w = OneNode::start(IpamdConfig {
+        extra_args: vec!["--gc-min-age".into(), GC_MIN_AGE_SECS.to_string()],
+        ..IpamdConfig::default()
+    })?;
     let list = list_with_capabilities(&w);
     let other = conflist(
         "1.1.0",
@@ -660,17 +667,46 @@ fn gc_releases_what_is_not_valid_and_removes_its_veths() -> Result<()> {
     let mut conf = Runtime::plugin_netconf(&list, 0, None, &none)?;
     conf["cni.dev/valid-attachments"] =
         json!([{"containerID": pods[0].container_id, "ifname": pods[0].ifname}]);
-    let out = w.rt.cni.ferry(&CniCall::bare("GC"), &conf)?;
-    ensure!(out.success(), "GC failed: {out}");
-    // The plugin's log (stderr here) names each attachment it collected.
+    let gc = || -> Result<String> {
+        let out = w.rt.cni.ferry(&CniCall::bare("GC"), &conf)?;
+        ensure!(out.success(), "GC failed: {out}");
+        Ok(out.stderr)
+    };
+    // A runtime that listed the valid attachments before these ADDs sends
+    // GC now: the pods are younger than the grace and keep everything.
+    gc()?;
+    ensure!(
+        w.ipamd.allocations()?.len() == 4,
+        "GC right after ADD released a new pod: {:?}",
+        w.ipamd.allocations()?
+    );
+    for pod in &pods {
+        ensure!(
+            pod.ns.ping(&w.node.ip.to_string()),
+            "GC right after ADD unplugged {}",
+            pod.container_id
+        );
+    }
+
+    // Once older than the grace, what is not valid goes. The plugin's log
+    // (stderr here) names each attachment it collected.
+    let mut plugin_log = String::new();
+    wait_until(
+        "GC to release the pods that are not valid",
+        Duration::from_secs(GC_MIN_AGE_SECS + 20),
+        || {
+            plugin_log.push_str(&gc()?);
+            Ok((w.ipamd.allocations()?.len() == 2).then_some(()))
+        },
+    )?;
     for pod in &pods[1..] {
         ensure!(
-            out.stderr
+            plugin_log
                 .lines()
                 .any(|l| l.contains("GC released attachment")
                     && l.contains(&pod.container_id)
                     && l.contains(&pod.host_veth())),
-            "the plugin log does not name {}: {out}",
+            "the plugin log does not name {}: {plugin_log}",
             pod.container_id
         );
     }

@@ -748,18 +748,24 @@ impl Allocator {
         Some((a.clone(), release_mutations(a, now_ms)))
     }
 
-    /// Releases every allocation of `network` whose key is not in `valid`.
+    /// Releases the allocations of `network` not in `valid` and created at
+    /// or before `created_by_ms`.
     pub fn plan_gc(
         &self,
         network: &str,
         valid: &[AllocKey],
+        created_by_ms: i64,
         now_ms: i64,
     ) -> (Vec<Allocation>, Vec<Mutation>) {
         let valid: HashSet<&AllocKey> = valid.iter().collect();
         let mut gone: Vec<Allocation> = self
             .allocations
             .values()
-            .filter(|a| a.key.network == network && !valid.contains(&a.key))
+            .filter(|a| {
+                a.key.network == network
+                    && !valid.contains(&a.key)
+                    && a.created_unix_ms <= created_by_ms
+            })
             .cloned()
             .collect();
         gone.sort_by_key(|a| a.ip);

@@ -53,9 +53,42 @@ pub fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
 
 /// Checks one pool on its own; overlap with other pools is checked by the
 /// allocator, which knows them.
+/// Longest pool or namespace name: a Kubernetes namespace is a DNS label.
+pub const MAX_NAME_LEN: usize = 63;
+
+/// Most namespaces (or allow-from pools) one pool may list.
+pub const MAX_NAMES: usize = 1024;
+
 pub fn validate(spec: &PoolSpec) -> Result<(), String> {
     if spec.name.trim().is_empty() {
         return Err("pool name must not be empty".into());
+    }
+    if spec.name.len() > MAX_NAME_LEN {
+        return Err(format!(
+            "pool name {:?}... is {} bytes long; at most {MAX_NAME_LEN} are allowed",
+            spec.name.chars().take(16).collect::<String>(),
+            spec.name.len()
+        ));
+    }
+    for (field, names) in [
+        ("namespaces", &spec.namespaces),
+        ("allow_from", &spec.allow_from),
+    ] {
+        if names.len() > MAX_NAMES {
+            return Err(format!(
+                "pool {}: {field} lists {} names; at most {MAX_NAMES} are allowed",
+                spec.name,
+                names.len()
+            ));
+        }
+        if let Some(long) = names.iter().find(|n| n.len() > MAX_NAME_LEN) {
+            return Err(format!(
+                "pool {}: {field} entry {:?}... is {} bytes long; at most {MAX_NAME_LEN} are allowed",
+                spec.name,
+                long.chars().take(16).collect::<String>(),
+                long.len()
+            ));
+        }
     }
     if spec.name.contains('\0') || spec.name.contains('/') {
         return Err(format!(
@@ -139,5 +172,13 @@ mod tests {
         let mut p = pool("10.0.0.0/24", 26);
         p.name = " ".into();
         assert!(validate(&p).is_err());
+        p.name = "x".repeat(MAX_NAME_LEN + 1);
+        assert!(validate(&p).unwrap_err().contains("at most 63"));
+        let mut p = pool("10.0.0.0/24", 26);
+        p.namespaces = vec!["n".repeat(MAX_NAME_LEN + 1)];
+        assert!(validate(&p).unwrap_err().contains("namespaces entry"));
+        let mut p = pool("10.0.0.0/24", 26);
+        p.allow_from = vec!["a".into(); MAX_NAMES + 1];
+        assert!(validate(&p).unwrap_err().contains("allow_from lists"));
     }
 }

@@ -490,13 +490,16 @@ fn gc_releases_only_unlisted_keys_of_the_network() {
     let mut other = params(9);
     other.key.network = "other-net".into();
     drive(&mut a, &other, 0, &[]).unwrap();
-    let (gone, muts) = a.plan_gc("ferry", &[key(1), key(3)], 10);
+    drive(&mut a, &params(4), 5, &[]).unwrap();
+    drive(&mut a, &params(5), 8, &[]).unwrap();
+    // The cut-off is 5: key(4) is exactly that old, key(5) is younger.
+    let (gone, muts) = a.plan_gc("ferry", &[key(1), key(3)], 5, 10);
     a.apply(&muts, 10);
     assert_eq!(
         gone.iter().map(|g| g.key.clone()).collect::<Vec<_>>(),
-        vec![key(0), key(2)]
+        vec![key(0), key(2), key(4)]
     );
-    assert_eq!(a.allocation_count(), 3);
+    assert_eq!(a.allocation_count(), 4);
 }
 
 #[test]

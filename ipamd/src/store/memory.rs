@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use ipnet::Ipv4Net;
 
-use super::{BoxFuture, Mutation, Seq, Snapshot, Store, StoreError};
+use super::{BoxFuture, Mutation, Probe, Seq, Snapshot, Store, StoreError};
 use crate::model::{AllocKey, Allocation, BlockClaim, PoolSpec};
 
 #[derive(Debug, Default)]
@@ -145,6 +145,30 @@ impl Store for MemoryStore {
             pools: st.pools.values().cloned().collect(),
             blocks,
             allocations,
+            cooling,
+        })
+    }
+
+    fn probe(&self, items: &Probe) -> Result<Snapshot, StoreError> {
+        let st = self.lock();
+        let mut cooling: Vec<(Ipv4Addr, i64)> = items
+            .cooling
+            .iter()
+            .filter_map(|ip| st.cooling.get(ip).map(|t| (*ip, *t)))
+            .collect();
+        cooling.sort_by_key(|&(ip, t)| (t, ip));
+        Ok(Snapshot {
+            pools: Vec::new(),
+            blocks: items
+                .blocks
+                .iter()
+                .filter_map(|k| st.blocks.get(k).cloned())
+                .collect(),
+            allocations: items
+                .allocations
+                .iter()
+                .filter_map(|k| st.allocations.get(k).cloned())
+                .collect(),
             cooling,
         })
     }

@@ -54,6 +54,15 @@ pub struct Snapshot {
     pub cooling: Vec<(Ipv4Addr, i64)>,
 }
 
+/// The items [`Store::probe`] looks up.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Probe {
+    pub allocations: Vec<AllocKey>,
+    /// (pool, cidr), the store's key of a block.
+    pub blocks: Vec<(String, Ipv4Net)>,
+    pub cooling: Vec<Ipv4Addr>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("sled: {0}")]
@@ -107,6 +116,16 @@ impl StoreError {
 
 pub trait Store: Send + Sync {
     fn load(&self) -> Result<Snapshot, StoreError>;
+    /// What the store has written so far, read beside writers: every batch
+    /// durable before the call, maybe parts of later ones. Unlike `load` it
+    /// never waits for a flush in progress, so it may run while Allocate does.
+    fn scan_written(&self) -> Result<Snapshot, StoreError> {
+        self.load()
+    }
+    /// Just the probed items that exist (pools empty), as of every batch
+    /// applied so far, written or still queued. Never waits for a flush:
+    /// cheap enough to call under the allocator lock, where it is exact.
+    fn probe(&self, items: &Probe) -> Result<Snapshot, StoreError>;
     /// Applies the whole batch atomically (all or nothing) and returns its
     /// position. Not yet durable.
     fn apply(&self, batch: &[Mutation]) -> Result<Seq, StoreError>;

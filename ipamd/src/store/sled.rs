@@ -24,7 +24,7 @@
 //! holding fewer flushes than that bound has lost durable state: `open`
 //! reports it as [`StoreError::Lost`], and ipamd rebuilds (see `recover`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::io::Write;
 use std::net::Ipv4Addr;
@@ -39,7 +39,7 @@ use ::sled::{Transactional, Tree};
 use tokio::sync::watch;
 use tracing::{debug, error};
 
-use super::{BoxFuture, Mutation, Seq, Snapshot, Store, StoreError};
+use super::{BoxFuture, Mutation, Probe, Seq, Snapshot, Store, StoreError};
 use crate::model::{AllocKey, Allocation, BlockClaim, PoolSpec};
 
 const TREE_POOLS: &str = "pools";
@@ -772,10 +772,12 @@ impl Shared {
     }
 }
 
-impl Store for SledStore {
-    fn load(&self) -> Result<Snapshot, StoreError> {
-        // Everything applied so far, as sled will hold it once flushed.
-        self.shared.write_queued()?;
+impl SledStore {
+    /// Reads every tree. It may run while the flusher writes, and sled's
+    /// iterators are not snapshots, so what crosses records (an allocation
+    /// and its reverse index entry) is only taken as damage once re-read with
+    /// the writes held off (`confirm_index`); each record alone is always whole.
+    fn read_trees(&self) -> Result<Snapshot, StoreError> {
         let mut snap = Snapshot::default();
         for item in self.pools.iter() {
             let (k, v) = item?;
@@ -801,6 +803,8 @@ impl Store for SledStore {
             }
             snap.blocks.push(b);
         }
+        // ip -> the allocation keys seen with it, for confirm_index.
+        let mut doubts: BTreeMap<Ipv4Addr, BTreeSet<Vec<u8>>> = BTreeMap::new();
         let mut by_ip: HashMap<Ipv4Addr, Vec<u8>> = HashMap::new();
         for item in self.allocations.iter() {
             let (k, v) = item?;
@@ -812,36 +816,33 @@ impl Store for SledStore {
                     "record holds a different key",
                 ));
             }
-            if by_ip.insert(a.ip, k.to_vec()).is_some() {
-                return Err(corrupt(
-                    TREE_ALLOCATIONS,
-                    &k,
-                    format!("{} is held by two allocations", a.ip),
-                ));
+            if let Some(other) = by_ip.insert(a.ip, k.to_vec()) {
+                doubts.entry(a.ip).or_default().extend([other, k.to_vec()]);
             }
             snap.allocations.push(a);
         }
-        let mut indexed = 0usize;
+        let mut indexed = HashSet::new();
         for item in self.ips.iter() {
             let (k, v) = item?;
             let ip = decode_ip(TREE_IPS, &k)?;
-            if by_ip.get(&ip).map(|x| x.as_slice()) != Some(&*v) {
-                return Err(corrupt(
-                    TREE_IPS,
-                    &k,
-                    "reverse index entry has no matching allocation",
-                ));
+            match by_ip.get(&ip) {
+                Some(held) if *held == *v => {
+                    indexed.insert(ip);
+                }
+                held => {
+                    let d = doubts.entry(ip).or_default();
+                    d.insert(v.to_vec());
+                    d.extend(held.cloned());
+                }
             }
-            indexed += 1;
         }
-        if indexed != by_ip.len() {
-            return Err(StoreError::Corrupt {
-                key: TREE_IPS.into(),
-                reason: format!(
-                    "{} allocations but {indexed} reverse index entries",
-                    by_ip.len()
-                ),
-            });
+        for (ip, k) in &by_ip {
+            if !indexed.contains(ip) {
+                doubts.entry(*ip).or_default().insert(k.clone());
+            }
+        }
+        if !doubts.is_empty() {
+            self.confirm_index(&doubts)?;
         }
         for item in self.cooling.iter() {
             let (k, _) = item?;
@@ -852,6 +853,150 @@ impl Store for SledStore {
         // cooling oldest first (the tree's order already).
         snap.blocks.sort_by_key(|b| b.cidr);
         snap.allocations.sort_by_key(|a| a.ip);
+        Ok(snap)
+    }
+
+    /// Re-reads the reverse index entry of each doubted ip and the
+    /// allocations seen with it while no batch is being written (`writer`
+    /// held: a few point reads), and reports the first that still disagrees.
+    fn confirm_index(
+        &self,
+        doubts: &BTreeMap<Ipv4Addr, BTreeSet<Vec<u8>>>,
+    ) -> Result<(), StoreError> {
+        let _w = self.shared.writer.lock().unwrap_or_else(|e| e.into_inner());
+        for (ip, seen) in doubts {
+            let ik = ip.octets();
+            let indexed = self.ips.get(ik)?;
+            let mut keys = seen.clone();
+            keys.extend(indexed.iter().map(|v| v.to_vec()));
+            let mut holders = Vec::new();
+            for k in &keys {
+                if let Some(v) = self.allocations.get(k)? {
+                    let a: Allocation = decode_json(TREE_ALLOCATIONS, k, &v)?;
+                    if a.ip == *ip {
+                        holders.push(k);
+                    }
+                }
+            }
+            match (indexed, holders.as_slice()) {
+                (None, []) => {}
+                (Some(i), [h]) if i.as_ref() == h.as_slice() => {}
+                (_, [_, second, ..]) => {
+                    return Err(corrupt(
+                        TREE_ALLOCATIONS,
+                        second,
+                        format!("{ip} is held by two allocations"),
+                    ));
+                }
+                (Some(_), _) => {
+                    return Err(corrupt(
+                        TREE_IPS,
+                        &ik,
+                        "reverse index entry has no matching allocation",
+                    ));
+                }
+                (None, [_]) => {
+                    return Err(corrupt(
+                        TREE_IPS,
+                        &ik,
+                        "allocation has no reverse index entry",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the queued ops (oldest first) last did to one item: `Some(Some(v))`
+/// put v, `Some(None)` deleted it, `None` left it alone.
+fn queued_value<'a>(
+    queue: &'a [Op],
+    touches: impl Fn(&'a Op) -> Option<Option<&'a [u8]>>,
+) -> Option<Option<&'a [u8]>> {
+    queue.iter().rev().find_map(touches)
+}
+
+impl Store for SledStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        // Everything applied so far, as sled will hold it once flushed.
+        self.shared.write_queued()?;
+        self.read_trees()
+    }
+
+    fn scan_written(&self) -> Result<Snapshot, StoreError> {
+        // No write_queued here: its transaction waits for a flush in
+        // progress, and while it waits sled's global lock holds back every
+        // reader, `apply`'s under the allocator lock included.
+        self.read_trees()
+    }
+
+    fn probe(&self, items: &Probe) -> Result<Snapshot, StoreError> {
+        let cooling_at: Vec<(Ipv4Addr, i64)> = {
+            let w = self.write.lock().unwrap_or_else(|e| e.into_inner());
+            items
+                .cooling
+                .iter()
+                .filter_map(|ip| w.cooling_at.get(ip).map(|t| (*ip, *t)))
+                .collect()
+        };
+        // With `writer` held no batch is half-way from the queue into sled,
+        // so the trees plus the queue hold every batch applied.
+        let _w = self.shared.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let queue = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let mut snap = Snapshot::default();
+        for key in &items.allocations {
+            let k = alloc_key_bytes(key);
+            let v = match queued_value(&queue, |op| match op {
+                Op::PutAllocation { key, value, .. } if *key == k => Some(Some(value.as_slice())),
+                Op::DeleteAllocation { key, .. } if *key == k => Some(None),
+                _ => None,
+            }) {
+                Some(v) => v.map(<[u8]>::to_vec),
+                None => self.allocations.get(&k)?.map(|v| v.to_vec()),
+            };
+            if let Some(v) = v {
+                snap.allocations
+                    .push(decode_json(TREE_ALLOCATIONS, &k, &v)?);
+            }
+        }
+        for (pool, cidr) in &items.blocks {
+            let k = block_key_bytes(pool, *cidr);
+            let v = match queued_value(&queue, |op| match op {
+                Op::Put {
+                    tree: BLOCKS,
+                    key,
+                    value,
+                } if *key == k => Some(Some(value.as_slice())),
+                Op::Del { tree: BLOCKS, key } if *key == k => Some(None),
+                _ => None,
+            }) {
+                Some(v) => v.map(<[u8]>::to_vec),
+                None => self.blocks.get(&k)?.map(|v| v.to_vec()),
+            };
+            if let Some(v) = v {
+                snap.blocks.push(decode_json(TREE_BLOCKS, &k, &v)?);
+            }
+        }
+        for (ip, t) in cooling_at {
+            let k = cooling_key(t, ip);
+            let present = match queued_value(&queue, |op| match op {
+                Op::Put {
+                    tree: COOLING,
+                    key,
+                    value,
+                } if *key == k => Some(Some(value.as_slice())),
+                Op::Del { tree: COOLING, key } if *key == k => Some(None),
+                _ => None,
+            }) {
+                Some(v) => v.is_some(),
+                None => self.cooling.contains_key(k)?,
+            };
+            if present {
+                snap.cooling.push((ip, t));
+            }
+        }
+        snap.cooling.sort_by_key(|&(ip, t)| (t, ip));
         Ok(snap)
     }
 
