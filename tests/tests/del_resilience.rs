@@ -284,15 +284,33 @@ fn reconcile_and_gc_leave_links_that_only_look_like_ferrys_alone() -> Result<()>
     let pod = Pod::new()?;
     add(&rt, &list, &pod)?;
     node.ns.ip(&["link", "add", "frybr0", "type", "bridge"])?;
-    node.ns
-        .ip(&["link", "add", "fry-other", "type", "veth", "peer", "name", "otherpeer"])?;
+    node.ns.ip(&[
+        "link",
+        "add",
+        "fry-other",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "otherpeer",
+    ])?;
     let orphan = "fry0dead00beef";
-    node.ns
-        .ip(&["link", "add", orphan, "type", "veth", "peer", "name", "orphanpeer"])?;
+    node.ns.ip(&[
+        "link",
+        "add",
+        orphan,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "orphanpeer",
+    ])?;
 
-    wait_until("reconcile to delete the orphan veth", Duration::from_secs(30), || {
-        Ok((!node.ns.links()?.iter().any(|l| l == orphan)).then_some(()))
-    })
+    wait_until(
+        "reconcile to delete the orphan veth",
+        Duration::from_secs(30),
+        || Ok((!node.ns.links()?.iter().any(|l| l == orphan)).then_some(())),
+    )
     .with_context(|| ipamd.log_tail(40))?;
     let gc = ipamd.ipamctl_json(&["gc"])?;
     ensure!(gc.as_array().is_some_and(Vec::is_empty), "gc acted: {gc}");
@@ -304,7 +322,10 @@ fn reconcile_and_gc_leave_links_that_only_look_like_ferrys_alone() -> Result<()>
             ipamd.log_tail(40)
         );
     }
-    ensure!(pod.ns.ping(&node.ip.to_string()), "the live pod lost connectivity");
+    ensure!(
+        pod.ns.ping(&node.ip.to_string()),
+        "the live pod lost connectivity"
+    );
     let out = rt.del(&list, &CniCall::del(&pod), &json!({}))?;
     ensure!(out.success(), "DEL failed: {out}");
     Ok(())

@@ -174,9 +174,7 @@ pub fn underlay_mtu(links: &[LinkInfo], default_route_oif: Option<u32>) -> u32 {
     }
     links
         .iter()
-        .filter(|l| {
-            l.up && !l.loopback && l.mtu > 0 && !l.is_ferry_veth()
-        })
+        .filter(|l| l.up && !l.loopback && l.mtu > 0 && !l.is_ferry_veth())
         .map(|l| l.mtu)
         .min()
         .unwrap_or(FALLBACK_UNDERLAY_MTU)
