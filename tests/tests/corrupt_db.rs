@@ -12,11 +12,17 @@
 //! the valid prefix, possibly nothing): those are the "garbage but openable"
 //! cases, caught by ipamd's flush bound. A garbage `conf` makes sled::open
 //! itself fail.
+//!
+//! The crash case: ipamd is SIGKILLed after enough work that its flusher
+//! advanced the bound (`db.flushes`), and the log loses everything written
+//! since ipamd started, as a disk that never got it would. No clean close
+//! wrote the bound, so only the flusher's bound can catch it.
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use ferry_tests::*;
@@ -32,28 +38,47 @@ fn add(rt: &Runtime, list: &Value, pod: &Pod) -> Result<Ipv4Addr> {
     Ok(ips[0])
 }
 
-fn damaged_db_is_rebuilt(what: &str, damage: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+/// A node running ipamd (logging at info, as in production).
+fn start() -> Result<OneNode> {
     require_root();
-    let OneNode {
-        rt,
-        list,
-        mut ipamd,
-        node,
-        fabric: _fabric,
-    } = OneNode::start(IpamdConfig {
+    OneNode::start(IpamdConfig {
         log_level: Some("info".into()),
         ..IpamdConfig::default()
-    })?;
+    })
+}
+
+/// Adds `PODS` pods through the plugin; their addresses in order.
+fn add_pods(w: &OneNode) -> Result<(Vec<Pod>, Vec<Ipv4Addr>)> {
     let pods: Vec<Pod> = (0..PODS).map(|_| Pod::new()).collect::<Result<_>>()?;
     let mut ips = Vec::new();
     for pod in &pods {
-        ips.push(add(&rt, &list, pod)?);
+        ips.push(add(&w.rt, &w.list, pod)?);
     }
+    Ok((pods, ips))
+}
 
-    let st = ipamd.terminate()?;
+fn damaged_db_is_rebuilt(what: &str, damage: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let mut w = start()?;
+    let (pods, ips) = add_pods(&w)?;
+    let st = w.ipamd.terminate()?;
     ensure!(st.success(), "ipamd did not stop cleanly: {st}");
-    let state = node.path("state");
+    let state = w.node.path("state");
     damage(&state.join("db")).with_context(|| format!("damaging the database ({what})"))?;
+    restarts_rebuilt(what, &mut w, &pods, &ips)
+}
+
+/// Starts the stopped ipamd on its damaged database and checks what an
+/// operator relies on: it says loudly where the old database went, holds
+/// exactly the live pods' addresses again, and goes on working.
+fn restarts_rebuilt(what: &str, w: &mut OneNode, pods: &[Pod], ips: &[Ipv4Addr]) -> Result<()> {
+    let OneNode {
+        rt,
+        list,
+        ipamd,
+        node,
+        ..
+    } = w;
+    let state = node.path("state");
     let log_before = ipamd.log().len();
     ipamd
         .restart()
@@ -98,7 +123,7 @@ fn damaged_db_is_rebuilt(what: &str, damage: impl FnOnce(&Path) -> Result<()>) -
     // Exactly the pods' addresses, each under its host veth.
     let mut want: Vec<(Ipv4Addr, String)> = pods
         .iter()
-        .zip(&ips)
+        .zip(ips)
         .map(|(p, ip)| (*ip, format!("adopted:{}", p.host_veth())))
         .collect();
     want.sort();
@@ -110,7 +135,7 @@ fn damaged_db_is_rebuilt(what: &str, damage: impl FnOnce(&Path) -> Result<()>) -
 
     // A new pod gets a free address.
     let newcomer = Pod::new()?;
-    let new_ip = add(&rt, &list, &newcomer)?;
+    let new_ip = add(rt, list, &newcomer)?;
     ensure!(
         !ips.contains(&new_ip),
         "the new pod got {new_ip}, which a live pod holds ({ips:?})"
@@ -124,7 +149,7 @@ fn damaged_db_is_rebuilt(what: &str, damage: impl FnOnce(&Path) -> Result<()>) -
 
     // DEL releases the adopted addresses too (by their host veth).
     for pod in pods.iter().chain([&newcomer]) {
-        let out = rt.del(&list, &CniCall::del(pod), &json!({}))?;
+        let out = rt.del(list, &CniCall::del(pod), &json!({}))?;
         ensure!(out.success(), "DEL failed: {out}");
     }
     let left = ipamd.held()?;
@@ -168,4 +193,68 @@ fn unreadable_conf_is_rebuilt_from_host_veths() -> Result<()> {
         std::fs::write(db.join("conf"), b"\xff\xfe not a sled config")?;
         Ok(())
     })
+}
+
+/// The bound `db.flushes` beside the database.
+fn flush_bound(state: &Path) -> Result<u64> {
+    let path = state.join("db.flushes");
+    let s = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+    s.trim()
+        .parse()
+        .with_context(|| format!("{} holds {s:?}", path.display()))
+}
+
+/// A crash (SIGKILL, so no clean close writes the bound) and a log that
+/// lost everything written since ipamd started: caught by the bound the
+/// flusher advanced while pods came and went.
+#[test]
+fn crash_losing_the_log_tail_is_rebuilt_from_host_veths() -> Result<()> {
+    let mut w = start()?;
+    let state = w.node.path("state");
+    let log = state.join("db").join("db");
+    // A fresh log grows as sled writes it, so this length is a clean
+    // prefix: what ipamd had written when it became ready.
+    let log_len = std::fs::metadata(&log)?.len();
+    let bound_at_start = flush_bound(&state)?;
+    let (pods, ips) = add_pods(&w)?;
+
+    // ADD and DEL other pods until the flusher has advanced the bound (at
+    // the first flush 2 s after the last write, or after 256 flushes).
+    let mut churned = 0;
+    let bound = wait_until(
+        "the flusher to advance db.flushes",
+        Duration::from_secs(60),
+        || {
+            let pod = Pod::new()?;
+            add(&w.rt, &w.list, &pod)?;
+            let out = w.rt.del(&w.list, &CniCall::del(&pod), &json!({}))?;
+            ensure!(out.success(), "DEL failed: {out}");
+            churned += 1;
+            let bound = flush_bound(&state)?;
+            Ok((bound > bound_at_start).then_some(bound))
+        },
+    )?;
+    // Only the live pods' veths may be left for the rebuild to adopt.
+    let mut want: Vec<String> = pods.iter().map(Pod::host_veth).collect();
+    want.sort();
+    wait_until("the churned pods' veths to go", DEL_SETTLE, || {
+        let mut links = w.node.ns.ferry_links()?;
+        links.sort();
+        Ok((links == want).then_some(()))
+    })?;
+
+    w.ipamd.kill();
+    std::fs::File::options()
+        .write(true)
+        .open(&log)?
+        .set_len(log_len)?;
+    restarts_rebuilt(
+        &format!(
+            "a crash losing the log after {log_len} bytes \
+             (bound {bound_at_start} -> {bound}, {churned} pods churned)"
+        ),
+        &mut w,
+        &pods,
+        &ips,
+    )
 }

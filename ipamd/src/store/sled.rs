@@ -20,9 +20,14 @@
 //! Loss detection: sled 0.34 opens a truncated or overwritten log without an
 //! error, recovering only the valid prefix (possibly nothing). So every
 //! commit also bumps `meta/flushes`, and `state_dir/db.flushes` keeps a
-//! lower bound of it (written at open and at a clean close). A database
-//! holding fewer flushes than that bound has lost durable state: `open`
-//! reports it as [`StoreError::Lost`], and ipamd rebuilds (see `recover`).
+//! lower bound of it: written at open, at a clean close, and by the flusher
+//! thread after a flush once 256 flushes or 2 s have passed since it last
+//! wrote it, whichever comes first (`BOUND_EVERY_FLUSHES`, `BOUND_EVERY`).
+//! That check runs only when a flush happens (there is no timer): an idle
+//! store writes nothing. A database holding fewer flushes than the bound has
+//! lost durable state: `open` reports it as [`StoreError::Lost`], and ipamd
+//! rebuilds (see `recover`). After a crash, losing only the flushes since the
+//! bound was last written still goes unnoticed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::File;
@@ -32,12 +37,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use ::sled::transaction::{ConflictableTransactionError, TransactionError};
 use ::sled::{Transactional, Tree};
 use tokio::sync::watch;
-use tracing::{debug, error};
+use tracing::{debug, error, warn};
 
 use super::{BoxFuture, Mutation, Probe, Seq, Snapshot, Store, StoreError};
 use crate::model::{AllocKey, Allocation, BlockClaim, PoolSpec};
@@ -54,7 +59,28 @@ const FLUSHES_FILE: &str = "db.flushes";
 /// The bound's file as kept inside a moved-aside database directory.
 const FLUSHES_FILE_MOVED: &str = "ferry-flushes";
 /// Directory mtimes are coarse: see `Flusher::blobs_seen`.
-const BLOB_MTIME_MARGIN: std::time::Duration = std::time::Duration::from_secs(2);
+const BLOB_MTIME_MARGIN: Duration = Duration::from_secs(2);
+/// The flusher rewrites `db.flushes` after this many flushes since it last
+/// did, or at the first flush [`BOUND_EVERY`] after that, whichever comes
+/// first. Each rewrite costs two fsyncs, so not on every flush.
+const BOUND_EVERY_FLUSHES: u64 = 256;
+const BOUND_EVERY: Duration = Duration::from_secs(2);
+
+/// When the flusher advances `db.flushes`; tests shrink it.
+#[derive(Debug, Clone, Copy)]
+struct BoundPolicy {
+    flushes: u64,
+    interval: Duration,
+}
+
+impl Default for BoundPolicy {
+    fn default() -> Self {
+        BoundPolicy {
+            flushes: BOUND_EVERY_FLUSHES,
+            interval: BOUND_EVERY,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Default)]
 struct FlushState {
@@ -164,6 +190,10 @@ impl SledStore {
     /// [`StoreError::Lost`] when the database holds less than was once
     /// durable (truncated, overwritten or removed behind our back).
     pub fn open(state_dir: &Path) -> Result<SledStore, StoreError> {
+        SledStore::open_with(state_dir, BoundPolicy::default())
+    }
+
+    fn open_with(state_dir: &Path, policy: BoundPolicy) -> Result<SledStore, StoreError> {
         std::fs::create_dir_all(state_dir).map_err(|e| io_err(state_dir, e))?;
         let bound = read_flush_bound(state_dir)?;
         let dir = state_dir.join("db");
@@ -243,6 +273,10 @@ impl SledStore {
             blobs: dir.join("blobs"),
             blobs_seen: None,
             synced_blobs: HashSet::new(),
+            state_dir: state_dir.to_path_buf(),
+            policy,
+            bound_tried: flushes,
+            bound_tried_at: Instant::now(),
         };
         let flusher = std::thread::Builder::new()
             .name("ferry-store-flush".into())
@@ -379,7 +413,7 @@ impl Drop for SledStore {
 }
 
 /// The background flusher: one sled flush and one fdatasync for every
-/// batch applied since the last one.
+/// batch applied since the last one, and now and then the flush bound.
 struct Flusher {
     shared: Arc<Shared>,
     db: ::sled::Db,
@@ -397,6 +431,12 @@ struct Flusher {
     /// so an unchanged mtime means nothing new to sync.
     blobs_seen: Option<SystemTime>,
     synced_blobs: HashSet<PathBuf>,
+    /// Where `db.flushes` lives, and when to advance it.
+    state_dir: PathBuf,
+    policy: BoundPolicy,
+    /// `flushes` when `db.flushes` was last written (or tried), and when.
+    bound_tried: u64,
+    bound_tried_at: Instant,
 }
 
 impl Flusher {
@@ -415,6 +455,8 @@ impl Flusher {
                         s.flushed = s.flushed.max(target);
                         s.flushes += 1;
                     });
+                    // After the wake-up: the bound is off the commit path.
+                    self.advance_bound();
                 }
                 Err(e) => {
                     error!(error = %e, "store flush failed; durability can no longer be promised");
@@ -447,6 +489,30 @@ impl Flusher {
             .sync_data()
             .map_err(|e| format!("fdatasync {}: {e}", self.log_path.display()))?;
         self.sync_blobs()
+    }
+
+    /// Rewrites `db.flushes` with `self.flushes` when due. Call only after
+    /// a successful flush: that count is durable then, and the bound must
+    /// never promise more than the disk holds.
+    fn advance_bound(&mut self) {
+        if self.flushes - self.bound_tried < self.policy.flushes
+            && self.bound_tried_at.elapsed() < self.policy.interval
+        {
+            return;
+        }
+        // A failure does not poison the store: every commit is still durable,
+        // and an older bound only widens what a crash can lose unnoticed.
+        // Retried when due again, not on every flush of a failing disk.
+        match write_flush_bound(&self.state_dir, self.flushes) {
+            Ok(()) => debug!(flushes = self.flushes, "flush bound advanced"),
+            Err(e) => warn!(
+                error = %e,
+                flushes = self.flushes,
+                "could not advance the flush bound; a lost log tail may go unnoticed"
+            ),
+        }
+        self.bound_tried = self.flushes;
+        self.bound_tried_at = Instant::now();
     }
 
     /// sled writes large values as separate blob files and does not sync them.
@@ -1442,6 +1508,109 @@ mod tests {
             let again = SledStore::move_aside(dir.path(), SystemTime::UNIX_EPOCH).unwrap();
             assert_eq!(again, dir.path().join("db.corrupt-0-1"));
         }
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let dest = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_dir(&entry.path(), &dest);
+            } else {
+                std::fs::copy(entry.path(), dest).unwrap();
+            }
+        }
+    }
+
+    /// A crash that loses the log's tail written since open: the bound the
+    /// flusher advanced meanwhile catches it. (A clean close would too, but
+    /// after a crash only the flusher's bound is there.)
+    #[tokio::test]
+    async fn flusher_advances_the_bound_so_a_lost_tail_is_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db");
+        let at_open_copy = dir.path().join("db.at-open");
+        let every = 8;
+        let policy = BoundPolicy {
+            flushes: every,
+            interval: Duration::from_secs(3600),
+        };
+        {
+            // Something for the log to hold at the open below.
+            let s = SledStore::open(dir.path()).unwrap();
+            let seq = s
+                .apply(&[Mutation::PutPool(pool()), Mutation::PutBlock(block())])
+                .unwrap();
+            s.durable(seq).await.unwrap();
+        }
+        let (at_open, crashed_bound) = {
+            let s = SledStore::open_with(dir.path(), policy).unwrap();
+            let at_open = read_flush_bound(dir.path()).unwrap().unwrap();
+            // sled 0.34 fills a preallocated segment after a reopen, so
+            // truncating the log to its length at open would cut nothing.
+            copy_dir(&db, &at_open_copy);
+            // One flush each: every durable() returns before the next apply.
+            for i in 1..=(3 * every) as u8 {
+                let seq = s.apply(&[Mutation::PutAllocation(alloc(i))]).unwrap();
+                s.durable(seq).await.unwrap();
+            }
+            let durable = read_flushes(&s.meta).unwrap();
+            let bound = read_flush_bound(dir.path()).unwrap().unwrap();
+            // The write after flush N is done before flush N + 1 begins.
+            assert!(
+                bound >= at_open + 2 * every && bound <= durable,
+                "bound {bound}: {at_open} at open, {durable} durable"
+            );
+            (at_open, bound)
+        };
+        // As the crash left it: the log as it was at open (its tail never
+        // reached the disk) and the flusher's bound, not the clean close's.
+        std::fs::remove_dir_all(&db).unwrap();
+        std::fs::rename(&at_open_copy, &db).unwrap();
+        write_flush_bound(dir.path(), crashed_bound).unwrap();
+        match SledStore::open(dir.path()) {
+            Err(e @ StoreError::Lost { .. }) => assert!(e.is_damage(), "{e}"),
+            Err(e) => panic!("expected Lost, got {e}"),
+            Ok(s) => panic!(
+                "opened with {} allocations",
+                s.load().map(|l| l.allocations.len()).unwrap_or(0)
+            ),
+        }
+        // sled itself sees nothing wrong: only the bound tells.
+        std::fs::remove_file(dir.path().join(FLUSHES_FILE)).unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(read_flushes(&s.meta).unwrap(), at_open);
+        assert_eq!(s.load().unwrap().pools, vec![pool()]);
+    }
+
+    /// The time trigger alone: checked at each flush, no timer of its own.
+    #[tokio::test]
+    async fn bound_interval_is_checked_at_flush_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = |interval| {
+            let policy = BoundPolicy {
+                flushes: u64::MAX,
+                interval,
+            };
+            SledStore::open_with(dir.path(), policy).unwrap()
+        };
+        let bound = || read_flush_bound(dir.path()).unwrap().unwrap();
+        let s = open(Duration::from_secs(3600));
+        for i in 1..=3 {
+            let seq = s.apply(&[Mutation::PutAllocation(alloc(i))]).unwrap();
+            s.durable(seq).await.unwrap();
+        }
+        assert_eq!(bound(), 0, "not due yet");
+        drop(s);
+        let at_open = bound();
+        let s = open(Duration::ZERO);
+        for i in 4..=6 {
+            let seq = s.apply(&[Mutation::PutAllocation(alloc(i))]).unwrap();
+            s.durable(seq).await.unwrap();
+        }
+        // Due at every flush; the last write may still be under way.
+        assert!(bound() >= at_open + 2, "{} after {at_open}", bound());
     }
 
     #[test]
