@@ -29,6 +29,9 @@ pub enum IpamError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// After a database rebuild, until the lost cooldowns have run out.
+    #[error("new addresses are held for another {remaining_secs} s: {reason}")]
+    Held { remaining_secs: u64, reason: String },
     #[error("cluster store: {0}")]
     Cluster(#[from] ClusterError),
     #[error("store: {0}")]

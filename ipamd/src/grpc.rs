@@ -3,12 +3,14 @@
 //! owns the wire: version checks, request validation, model <-> proto
 //! conversion, and the one mapping from [`IpamError`] to a gRPC status.
 
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use ferry_proto::v1 as pb;
 use ferry_proto::v1::ipam_admin_server::IpamAdmin;
 use ferry_proto::v1::ipam_server::Ipam as IpamRpc;
+use ipnet::Ipv4Net;
 use tonic::{Code, Request, Response, Status};
 
 use crate::alloc::pool;
@@ -32,7 +34,7 @@ pub fn ipam_status(err: &IpamError) -> Status {
         IpamError::InvalidArgument(_) | IpamError::UnknownPool(_) => Code::InvalidArgument,
         IpamError::NotFound(_) => Code::NotFound,
         IpamError::Conflict(_) => Code::Aborted,
-        IpamError::Cluster(_) => Code::Unavailable,
+        IpamError::Cluster(_) | IpamError::Held { .. } => Code::Unavailable,
         IpamError::Store(_) => Code::Internal,
     };
     Status::new(code, err.to_string())
@@ -487,11 +489,22 @@ impl IpamRpc for IpamService {
 pub struct AdminService {
     ipam: Arc<Ipam>,
     reconciler: Arc<Reconciler>,
+    blackholes: Option<Arc<Blackholes>>,
 }
 
 impl AdminService {
     pub fn new(ipam: Arc<Ipam>, reconciler: Arc<Reconciler>) -> Self {
-        AdminService { ipam, reconciler }
+        AdminService {
+            ipam,
+            reconciler,
+            blackholes: None,
+        }
+    }
+
+    /// Blocks claimed to adopt live addresses get their blackhole at once.
+    pub fn with_blackholes(mut self, blackholes: Arc<Blackholes>) -> Self {
+        self.blackholes = Some(blackholes);
+        self
     }
 
     /// A container-ID prefix must name one container: ForceRelease must not
@@ -680,11 +693,27 @@ impl IpamAdmin for AdminService {
         let req = request.into_inner();
         check_version(&req.client_version)?;
         let pool = pool_from_pb(req.pool)?;
-        let added = self
+        // Addresses that pods hold in the new CIDR are adopted, not handed
+        // out again (a pool re-added after a database rebuild).
+        let live = self
+            .reconciler
+            .live_addresses()
+            .await
+            .map_err(|e| Status::internal(format!("listing ferry's host veths: {e}")))?;
+        let (added, adopted) = self
             .ipam
-            .add_pool(pool)
+            .add_pool(pool, &live)
             .await
             .map_err(|e| ipam_status(&e))?;
+        if let Some(bh) = &self.blackholes {
+            let blocks: BTreeSet<Ipv4Net> = adopted.iter().map(|a| a.block).collect();
+            for block in blocks {
+                // As in Allocate: the next sync retries.
+                if let Err(e) = bh.ensure(block).await {
+                    tracing::warn!(%block, error = %e, "cannot add blackhole route");
+                }
+            }
+        }
         Ok(Response::new(pb::AddPoolResponse {
             pool: Some(pool_to_pb(&added)),
         }))
@@ -753,6 +782,13 @@ mod tests {
             ),
             (IpamError::UnknownPool("p".into()), Code::InvalidArgument),
             (IpamError::NotFound("n".into()), Code::NotFound),
+            (
+                IpamError::Held {
+                    remaining_secs: 3,
+                    reason: "rebuilt".into(),
+                },
+                Code::Unavailable,
+            ),
             (IpamError::Conflict("c".into()), Code::Aborted),
             (
                 IpamError::Cluster(ClusterError::Unavailable("etcd down".into())),

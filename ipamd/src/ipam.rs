@@ -12,7 +12,7 @@
 //! Log lines about an event (allocated, released, ...) are written here, once
 //! each, after the allocator lock is dropped and the change is durable.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -27,6 +27,8 @@ use crate::model::{
     AddressInfo, AllocKey, AllocateParams, Allocation, AllocationFilter, BlockClaim, BlockUsage,
     PoolSpec, PoolUsage, Readiness,
 };
+use crate::node::scan::VethAddress;
+use crate::recover;
 use crate::store::{Mutation, Probe, Seq, Snapshot, Store, StoreError};
 
 /// Claim rounds per allocate before giving up: each round claims a block and
@@ -477,6 +479,9 @@ impl Ipam {
                 format!("store: {e}; ipamd must restart"),
             );
         }
+        if let Some(held) = st.fresh_hold(now) {
+            return (Readiness::NotAvailable, held.to_string());
+        }
         let names: Vec<String> = st.pool_specs().map(|p| p.name.clone()).collect();
         // The default pool serves every namespace without a pool of its
         // own, so a full default pool fails most ADDs: not ready.
@@ -559,16 +564,77 @@ impl Ipam {
             .await
     }
 
-    pub async fn add_pool(&self, pool: PoolSpec) -> Result<PoolSpec, IpamError> {
-        let seq = {
-            let now = self.now();
+    /// Adds a pool and, in the same batch, adopts the `live` addresses of
+    /// ferry's host veths that lie in it, with their blocks: after a
+    /// database rebuild an operator re-adds a run-time pool whose addresses
+    /// pods still hold, and none of them may be handed out again.
+    pub async fn add_pool(
+        &self,
+        pool: PoolSpec,
+        live: &[VethAddress],
+    ) -> Result<(PoolSpec, Vec<Allocation>), IpamError> {
+        // Held so no other pool change or claim runs until the batch is in.
+        let _claims = self.claims.lock().await;
+        // Refused pools claim nothing.
+        self.lock().plan_add_pool(&pool)?;
+        let now = self.now();
+        let inside: Vec<VethAddress> = live
+            .iter()
+            .filter(|v| pool.cidr.contains(&v.ip))
+            .cloned()
+            .collect();
+        let mut plan =
+            recover::plan_adoption(std::slice::from_ref(&pool), &self.node, &inside, now);
+        let mut claimed = Vec::new();
+        let mut refused = HashSet::new();
+        for b in plan.blocks() {
+            match self.cluster.claim_block(&b.pool, b.cidr, &self.node).await {
+                Ok(true) => claimed.push(b.cidr),
+                Ok(false) => {
+                    refused.insert(b.cidr);
+                }
+                Err(e) => {
+                    self.give_back_all(&pool.name, &claimed).await;
+                    return Err(e.into());
+                }
+            }
+        }
+        plan.drop_blocks(&refused);
+        let committed = {
             let mut st = self.lock();
-            let muts = st.plan_add_pool(&pool)?;
-            self.commit(&mut st, &muts, now)?
+            st.plan_add_pool(&pool).and_then(|mut muts| {
+                muts.extend(plan.adoptions());
+                self.commit(&mut st, &muts, now)
+            })
+        };
+        let seq = match committed {
+            Ok(seq) => seq,
+            Err(e) => {
+                self.give_back_all(&pool.name, &claimed).await;
+                return Err(e);
+            }
         };
         self.store.durable(seq).await?;
-        info!(pool = %pool.name, cidr = %pool.cidr, block_size = pool.block_size, "pool added");
-        Ok(pool)
+        for (v, why) in &plan.skipped {
+            warn!(pool = %pool.name, ip = %v.ip, link = %v.link, reason = %why,
+                "live address in the new pool NOT adopted");
+        }
+        info!(pool = %pool.name, cidr = %pool.cidr, block_size = pool.block_size,
+            adopted = plan.adopted.len(), "pool added");
+        Ok((pool, plan.adopted))
+    }
+
+    async fn give_back_all(&self, pool: &str, blocks: &[Ipv4Net]) {
+        for b in blocks {
+            self.give_back(pool, *b).await;
+        }
+    }
+
+    /// Hands out no address not yet held until `until` (see
+    /// [`Allocator::hold_fresh_until`]); readiness says why meanwhile.
+    pub fn hold_fresh_until(&self, until: SystemTime, reason: String) {
+        self.lock()
+            .hold_fresh_until(crate::reconcile::unix_ms(until), reason);
     }
 
     /// Refused while the pool holds allocations.
@@ -828,6 +894,7 @@ mod tests {
     use crate::cluster::ClusterError;
     use crate::cluster::local::LocalCluster;
     use crate::model::{AddressState, PodMeta};
+    use crate::node::scan::VethAddress;
     use crate::store::memory::MemoryStore;
     use crate::store::sled::SledStore;
     use crate::store::{BoxFuture, StoreError};
@@ -1035,26 +1102,96 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn add_pool_adopts_what_live_veths_hold_in_it() {
+        let (ipam, store, _tc) = open_mem(vec![spec("default", "10.244.0.0/16", 26, &[])]).await;
+        let live = [
+            VethAddress {
+                link: "fry00000000001".into(),
+                ip: ip("10.1.0.1"),
+            },
+            VethAddress {
+                link: "fry00000000002".into(),
+                ip: ip("10.1.0.70"),
+            },
+            // In another pool: not this call's business.
+            VethAddress {
+                link: "fry00000000003".into(),
+                ip: ip("10.244.0.9"),
+            },
+        ];
+        let (_, adopted) = ipam
+            .add_pool(spec("x", "10.1.0.0/24", 26, &["x"]), &live)
+            .await
+            .unwrap();
+        let adopted: Vec<(AllocKey, Ipv4Addr)> =
+            adopted.into_iter().map(|a| (a.key, a.ip)).collect();
+        assert_eq!(
+            adopted,
+            vec![
+                (AllocKey::adopted("fry00000000001"), ip("10.1.0.1")),
+                (AllocKey::adopted("fry00000000002"), ip("10.1.0.70")),
+            ]
+        );
+        assert_eq!(ipam.blocks(Some("x")).len(), 2);
+        // Durable with the pool: a restart keeps them.
+        let snap = store.load().unwrap();
+        assert_eq!(snap.allocations.iter().filter(|a| a.pool == "x").count(), 2);
+        // New pods in the pool get the addresses nobody holds.
+        let mut p = params(1);
+        p.pool_hint = Some("x".into());
+        assert_eq!(ipam.allocate(p).await.unwrap().ip, ip("10.1.0.2"));
+        assert!(ipam.check_consistency().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_fresh_hold_refuses_new_addresses_but_not_retries() {
+        let (ipam, _store, tc) = open_mem(vec![spec("default", "10.244.0.0/24", 28, &[])]).await;
+        let held = ipam.allocate(params(1)).await.unwrap();
+        let now = tc.0.load(Ordering::SeqCst);
+        let until = UNIX_EPOCH + Duration::from_millis((now + 30_000) as u64);
+        ipam.hold_fresh_until(until, "the database was rebuilt".into());
+        match ipam.allocate(params(2)).await {
+            Err(IpamError::Held {
+                remaining_secs,
+                reason,
+            }) => {
+                assert_eq!(remaining_secs, 30);
+                assert_eq!(reason, "the database was rebuilt");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(ipam.allocate(params(1)).await.unwrap(), held);
+        let (r, why) = ipam.readiness();
+        assert_eq!(r, Readiness::NotAvailable);
+        assert!(why.contains("held for another 30 s"), "{why}");
+        tc.advance(30_000);
+        ipam.allocate(params(2)).await.unwrap();
+        assert_eq!(ipam.readiness().0, Readiness::Ready);
+    }
+
+    #[tokio::test]
     async fn pool_admin() {
         let (ipam, _store, _tc) = open_mem(vec![spec("default", "10.244.0.0/16", 26, &[])]).await;
         assert!(matches!(
-            ipam.add_pool(spec("", "10.1.0.0/24", 26, &["x"])).await,
-            Err(IpamError::InvalidArgument(_))
-        ));
-        assert!(matches!(
-            ipam.add_pool(spec("x", "10.1.0.0/24", 23, &["x"])).await,
-            Err(IpamError::InvalidArgument(_))
-        ));
-        assert!(matches!(
-            ipam.add_pool(spec("x", "10.244.128.0/24", 26, &["x"]))
+            ipam.add_pool(spec("", "10.1.0.0/24", 26, &["x"]), &[])
                 .await,
             Err(IpamError::InvalidArgument(_))
         ));
         assert!(matches!(
-            ipam.add_pool(spec("x", "10.1.0.0/24", 26, &[])).await,
+            ipam.add_pool(spec("x", "10.1.0.0/24", 23, &["x"]), &[])
+                .await,
+            Err(IpamError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            ipam.add_pool(spec("x", "10.244.128.0/24", 26, &["x"]), &[])
+                .await,
+            Err(IpamError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            ipam.add_pool(spec("x", "10.1.0.0/24", 26, &[]), &[]).await,
             Err(IpamError::Conflict(_))
         ));
-        ipam.add_pool(spec("x", "10.1.0.0/24", 26, &["x"]))
+        ipam.add_pool(spec("x", "10.1.0.0/24", 26, &["x"]), &[])
             .await
             .unwrap();
         let mut p = params(1);

@@ -101,6 +101,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .context("opening the IPAM core")?,
     );
+    // Also after a restart soon after a rebuild: the hold is derived from
+    // the moved-aside database's name, not from the store.
+    if let Some((until, why)) =
+        recover::fresh_hold(&config.state_dir, config.cooldown, SystemTime::now())
+    {
+        warn!(reason = %why, "holding new addresses until the lost cooldowns have passed");
+        ipam.hold_fresh_until(until, why);
+    }
 
     // The node's dataplane: forwarding, blackholes, MTU.
     if node::ensure_ip_forward(Path::new(node::IP_FORWARD)).context("enabling IP forwarding")? {
@@ -176,7 +184,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         started_unix_ms,
     )
     .with_unplugger(node::Unplugger::start(host_links));
-    let admin_service = AdminService::new(ipam.clone(), reconciler.clone());
+    let admin_service =
+        AdminService::new(ipam.clone(), reconciler.clone()).with_blackholes(blackholes.clone());
 
     let (signaled_tx, mut signaled_rx) = watch::channel(false);
     let signaled = signaled_rx.clone();

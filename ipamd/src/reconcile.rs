@@ -26,6 +26,7 @@ use tokio::sync::Mutex;
 use crate::error::IpamError;
 use crate::ipam::Ipam;
 use crate::model::{AllocKey, Allocation, BlockClaim, Finding, FindingKind};
+use crate::node::scan::VethAddress;
 use crate::node::{HostLink, HostLinks, NodeError};
 
 pub trait Clock: Send + Sync {
@@ -282,6 +283,11 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
+    /// The addresses ferry's host veths carry now.
+    pub async fn live_addresses(&self) -> Result<Vec<VethAddress>, NodeError> {
+        self.links.veth_addresses().await
+    }
+
     pub fn new(
         ipam: Arc<Ipam>,
         links: Arc<dyn HostLinks>,
@@ -1000,6 +1006,11 @@ mod tests {
             _link: &'a HostLink,
         ) -> crate::store::BoxFuture<'a, Result<bool, NodeError>> {
             Box::pin(async { Ok(false) })
+        }
+        fn veth_addresses(
+            &self,
+        ) -> crate::store::BoxFuture<'_, Result<Vec<VethAddress>, NodeError>> {
+            Box::pin(async { Ok(Vec::new()) })
         }
     }
 

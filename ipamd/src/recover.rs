@@ -153,6 +153,48 @@ pub async fn open_store(
     Ok((store, Some(rebuild)))
 }
 
+/// When the database was last rebuilt: the newest `db.corrupt-<unix
+/// seconds>[-N]` beside it. The cooldowns of addresses freed before then
+/// were lost with the old database.
+pub fn last_rebuild(state_dir: &Path) -> Option<SystemTime> {
+    let entries = std::fs::read_dir(state_dir).ok()?;
+    entries
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            let rest = name.strip_prefix("db.corrupt-")?;
+            let secs = rest.split('-').next()?.parse::<u64>().ok()?;
+            Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+        })
+        .max()
+}
+
+/// Until when new addresses must wait after the last rebuild, and why:
+/// an address freed just before it may have been cooling down. None once
+/// `cooldown` has passed since (the name holds whole seconds: one more is
+/// added).
+pub fn fresh_hold(
+    state_dir: &Path,
+    cooldown: std::time::Duration,
+    now: SystemTime,
+) -> Option<(SystemTime, String)> {
+    let rebuilt = last_rebuild(state_dir)?;
+    let until = rebuilt + cooldown + std::time::Duration::from_secs(1);
+    let secs = rebuilt
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    (until > now).then(|| {
+        (
+            until,
+            format!(
+                "the state database was rebuilt at unix time {secs} (see db.corrupt-{secs}* in \
+                 {}), and which freed addresses were still in their {} s cooldown was lost",
+                state_dir.display(),
+                cooldown.as_secs()
+            ),
+        )
+    })
+}
+
 /// Opens and fully reads the store, so that damage anywhere shows now. A
 /// panic inside sled on garbage counts as damage too.
 fn open_checked(state_dir: &Path) -> Result<SledStore, StoreError> {
@@ -174,21 +216,22 @@ fn open_checked(state_dir: &Path) -> Result<SledStore, StoreError> {
     })
 }
 
-/// The adoption of live addresses into an empty database.
+/// The adoption of live addresses: into an empty database, or into a pool
+/// added at run time (see [`crate::ipam::Ipam::add_pool`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct Plan {
+pub(crate) struct Plan {
     claims: BTreeMap<Ipv4Net, BlockClaim>,
-    adopted: Vec<Allocation>,
-    skipped: Vec<(VethAddress, String)>,
+    pub(crate) adopted: Vec<Allocation>,
+    pub(crate) skipped: Vec<(VethAddress, String)>,
 }
 
 impl Plan {
-    fn blocks(&self) -> Vec<BlockClaim> {
+    pub(crate) fn blocks(&self) -> Vec<BlockClaim> {
         self.claims.values().cloned().collect()
     }
 
     /// Forgets blocks another node owns, and the addresses in them.
-    fn drop_blocks(&mut self, refused: &HashSet<Ipv4Net>) {
+    pub(crate) fn drop_blocks(&mut self, refused: &HashSet<Ipv4Net>) {
         if refused.is_empty() {
             return;
         }
@@ -212,13 +255,29 @@ impl Plan {
     /// allocations.
     fn mutations(&self, pools: &[PoolSpec]) -> Vec<Mutation> {
         let mut m: Vec<Mutation> = pools.iter().cloned().map(Mutation::PutPool).collect();
-        m.extend(self.claims.values().cloned().map(Mutation::PutBlock));
+        m.extend(self.adoptions());
+        m
+    }
+
+    /// The claimed blocks, then the adopted allocations.
+    pub(crate) fn adoptions(&self) -> Vec<Mutation> {
+        let mut m: Vec<Mutation> = self
+            .claims
+            .values()
+            .cloned()
+            .map(Mutation::PutBlock)
+            .collect();
         m.extend(self.adopted.iter().cloned().map(Mutation::PutAllocation));
         m
     }
 }
 
-fn plan_adoption(pools: &[PoolSpec], node: &str, live: &[VethAddress], now_ms: i64) -> Plan {
+pub(crate) fn plan_adoption(
+    pools: &[PoolSpec],
+    node: &str,
+    live: &[VethAddress],
+    now_ms: i64,
+) -> Plan {
     let mut plan = Plan::default();
     let mut seen: HashSet<Ipv4Addr> = HashSet::new();
     for v in live {
@@ -340,6 +399,31 @@ mod tests {
         );
         let skipped: Vec<&str> = plan.skipped.iter().map(|(v, _)| v.link.as_str()).collect();
         assert_eq!(skipped, vec!["fry00000000004", "fry00000000005"]);
+    }
+
+    #[test]
+    fn new_addresses_wait_out_the_cooldown_lost_in_the_last_rebuild() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |secs: u64| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        let cooldown = std::time::Duration::from_secs(30);
+        assert_eq!(fresh_hold(dir.path(), cooldown, at(1_000)), None);
+        for name in [
+            "db.corrupt-900",
+            "db.corrupt-1000",
+            "db.corrupt-1000-1",
+            "db",
+        ] {
+            std::fs::create_dir(dir.path().join(name)).unwrap();
+        }
+        let (until, why) = fresh_hold(dir.path(), cooldown, at(1_010)).unwrap();
+        assert_eq!(until, at(1_031));
+        assert!(why.contains("rebuilt at unix time 1000"), "{why}");
+        assert!(fresh_hold(dir.path(), cooldown, at(1_030)).is_some());
+        assert_eq!(fresh_hold(dir.path(), cooldown, at(1_031)), None);
+        assert_eq!(
+            fresh_hold(dir.path(), std::time::Duration::ZERO, at(1_001)),
+            None
+        );
     }
 
     #[test]

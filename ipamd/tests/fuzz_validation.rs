@@ -26,6 +26,7 @@ use ipamd::cluster::local::LocalCluster;
 use ipamd::grpc::{AdminService, IpamService};
 use ipamd::ipam::{Ipam, IpamOptions};
 use ipamd::model::PoolSpec;
+use ipamd::node::scan::VethAddress;
 use ipamd::node::{BlockRoutes, HostLink, HostLinks, NodeError};
 use ipamd::reconcile::{Reconciler, SystemClock};
 use ipamd::store::BoxFuture;
@@ -61,6 +62,9 @@ impl HostLinks for NoHost {
     }
     fn delete_link<'a>(&'a self, _link: &'a HostLink) -> BoxFuture<'a, Result<bool, NodeError>> {
         Box::pin(async { Ok(false) })
+    }
+    fn veth_addresses(&self) -> BoxFuture<'_, Result<Vec<VethAddress>, NodeError>> {
+        Box::pin(async { Ok(Vec::new()) })
     }
 }
 

@@ -169,10 +169,21 @@ impl Ipamd {
     /// Polls `ipamctl --socket S status` until it exits 0 (deadline:
     /// `startup_timeout`). Fails early, with the log tail, if ipamd exits.
     pub fn wait_healthy(&mut self) -> Result<()> {
+        self.wait_status(true)
+    }
+
+    /// `ready`: until `ipamctl status` exits 0; else until ipamd answers it
+    /// at all (it prints a status whatever its readiness).
+    fn wait_status(&mut self, ready: bool) -> Result<()> {
         let socket = self.socket.clone();
         let netns = self.netns.clone();
         let child = &mut self.child;
-        let res = wait_until("ipamd to become healthy", self.cfg.startup_timeout, || {
+        let what = if ready {
+            "ipamd to become healthy"
+        } else {
+            "ipamd to answer"
+        };
+        let res = wait_until(what, self.cfg.startup_timeout, || {
             if let Some(c) = child.as_mut().and_then(|g| g.child_mut())
                 && let Some(st) = c.try_wait()?
             {
@@ -186,7 +197,7 @@ impl Ipamd {
                 .arg("status")
                 .stdin(Stdio::null())
                 .output()?;
-            if out.status.success() {
+            if out.status.success() || (!ready && !out.stdout.is_empty()) {
                 Ok(Some(()))
             } else {
                 bail!(
@@ -235,6 +246,13 @@ impl Ipamd {
         self.kill();
         self.spawn()?;
         self.wait_healthy()
+    }
+
+    /// [`Ipamd::restart`], waiting only until ipamd answers, ready or not.
+    pub fn restart_answering(&mut self) -> Result<()> {
+        self.kill();
+        self.spawn()?;
+        self.wait_status(false)
     }
 
     /// Replaces the `--config` file; ipamd reads it at its next start.

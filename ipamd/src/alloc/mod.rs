@@ -119,6 +119,8 @@ pub struct Allocator {
     fifo: BTreeSet<(i64, Ipv4Addr)>,
     /// Other nodes' blocks per pool, as last reported by the cluster store.
     foreign: HashMap<String, Vec<BlockClaim>>,
+    /// No address is newly handed out before this time (unix ms), and why.
+    fresh_hold: Option<(i64, String)>,
 }
 
 impl Allocator {
@@ -132,7 +134,25 @@ impl Allocator {
             cooling: BTreeMap::new(),
             fifo: BTreeSet::new(),
             foreign: HashMap::new(),
+            fresh_hold: None,
         }
+    }
+
+    /// Refuses to hand out any address not yet held until `until_ms`
+    /// (retried ADDs still get theirs): which freed addresses were still
+    /// cooling down is unknown after a database rebuild.
+    pub fn hold_fresh_until(&mut self, until_ms: i64, reason: String) {
+        self.fresh_hold = Some((until_ms, reason));
+    }
+
+    /// The hold in force at `now_ms`, as the error an allocation gets.
+    pub fn fresh_hold(&self, now_ms: i64) -> Option<IpamError> {
+        let (until, reason) = self.fresh_hold.as_ref()?;
+        let left_ms = until.checked_sub(now_ms).filter(|ms| *ms > 0)?;
+        Some(IpamError::Held {
+            remaining_secs: (left_ms as u64).div_ceil(1000),
+            reason: reason.clone(),
+        })
     }
 
     /// Rebuilds the state the store holds.
@@ -533,6 +553,9 @@ impl Allocator {
                 });
             }
             return Ok(Plan::Existing(a.clone()));
+        }
+        if let Some(held) = self.fresh_hold(now_ms) {
+            return Err(held);
         }
         let p = self.select_pool(params)?;
         let ip = match requested {

@@ -66,6 +66,8 @@ pub trait HostLinks: Send + Sync {
     /// Deletes the link with `link.index` if it still bears `link.name` and
     /// is a ferry veth. False when it is gone or is now another link.
     fn delete_link<'a>(&'a self, link: &'a HostLink) -> BoxFuture<'a, Result<bool, NodeError>>;
+    /// The /32 of each of ferry's host veths (the pod addresses in use).
+    fn veth_addresses(&self) -> BoxFuture<'_, Result<Vec<scan::VethAddress>, NodeError>>;
 }
 
 /// Blackhole routes for owned blocks, marked with [`ROUTE_PROTOCOL`].
@@ -238,6 +240,12 @@ pub mod fake {
                 self.deleted.lock().unwrap().push(link.clone());
             }
             Box::pin(async move { Ok(deleted) })
+        }
+        // Links only: no pod addresses.
+        fn veth_addresses(
+            &self,
+        ) -> BoxFuture<'_, Result<Vec<super::scan::VethAddress>, NodeError>> {
+            Box::pin(async { Ok(Vec::new()) })
         }
     }
 

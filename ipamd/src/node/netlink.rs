@@ -14,6 +14,7 @@ use netlink_packet_route::route::{
 };
 use rtnetlink::{Handle, RouteMessageBuilder};
 
+use super::scan::{self, VethAddress};
 use super::{BlockRoutes, HostLink, HostLinks, LinkInfo, NodeError, ROUTE_PROTOCOL, underlay_mtu};
 use crate::store::BoxFuture;
 
@@ -168,6 +169,14 @@ fn errno(e: &rtnetlink::Error) -> Option<i32> {
 }
 
 impl HostLinks for NodeNet {
+    fn veth_addresses(&self) -> BoxFuture<'_, Result<Vec<VethAddress>, NodeError>> {
+        Box::pin(async move {
+            let links = self.links().await?;
+            let routes = self.ipv4_routes().await?;
+            Ok(scan::pair(&links, &routes))
+        })
+    }
+
     fn fry_links(&self) -> BoxFuture<'_, Result<Vec<HostLink>, NodeError>> {
         Box::pin(async move {
             Ok(self

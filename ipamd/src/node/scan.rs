@@ -49,7 +49,7 @@ pub async fn host_veth_addresses() -> Result<Vec<VethAddress>, NodeError> {
 /// The /32 scope-link unicast routes of the main table whose output link
 /// is one of ferry's host veths, sorted by link name. A link without such a route (a
 /// half-made ADD) yields nothing; one with several yields each.
-fn pair(links: &[LinkMessage], routes: &[RouteMessage]) -> Vec<VethAddress> {
+pub(crate) fn pair(links: &[LinkMessage], routes: &[RouteMessage]) -> Vec<VethAddress> {
     let fry: HashMap<u32, String> = links
         .iter()
         .map(link_info)

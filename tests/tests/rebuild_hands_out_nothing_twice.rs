@@ -1,0 +1,149 @@
+//! After a database rebuild ipamd hands out no address twice, through the
+//! real binaries (issue 7, point 4).
+//!
+//! A pool added at run time (`ipamctl pool add`) is lost with a damaged
+//! database, and the rebuild adopts only addresses inside configured pools.
+//! When the operator adds the pool again, ipamd must adopt what live pods
+//! hold in it (the allocator hands out the lowest addresses first: exactly
+//! theirs). And the cooldowns lost with the old database must still hold
+//! back addresses freed just before it: until the cooldown has passed since
+//! the rebuild, no new address is handed out (ADD answers 11, STATUS 50).
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context, Result, ensure};
+use ferry_tests::*;
+use serde_json::{Value, json};
+
+/// Long enough for the checks made during the hold after the rebuild.
+const COOLDOWN_SECS: u64 = 8;
+const TEAM_CIDR: &str = "10.250.0.0/24";
+
+fn add_in(rt: &Runtime, list: &Value, pod: &Pod, ns: &str) -> Result<Ipv4Addr> {
+    let out = rt.add(
+        list,
+        &CniCall::add(pod).with_args(&k8s_args(ns, pod.ns.name())),
+        &json!({}),
+    )?;
+    ensure!(out.success(), "ADD in {ns} failed: {out}");
+    let ips = out.ips();
+    ensure!(ips.len() == 1, "expected one address: {out}");
+    Ok(ips[0])
+}
+
+fn cni_status(rt: &Runtime, list: &Value) -> Result<CniOutput> {
+    let conf = Runtime::plugin_netconf(list, 0, None, &json!({}))?;
+    rt.cni.ferry(&CniCall::bare("STATUS"), &conf)
+}
+
+#[test]
+fn a_rebuilt_database_hands_out_no_live_or_cooling_address() -> Result<()> {
+    require_root();
+    let OneNode {
+        rt,
+        list,
+        mut ipamd,
+        node,
+        fabric: _fabric,
+    } = OneNode::start(IpamdConfig {
+        cooldown: Some(COOLDOWN_SECS),
+        log_level: Some("info".into()),
+        ..IpamdConfig::default()
+    })?;
+    ipamd.ipamctl_ok(&["pool", "add", "team", TEAM_CIDR, "--namespace", "team"])?;
+    let team: Vec<Pod> = (0..3).map(|_| Pod::new()).collect::<Result<_>>()?;
+    let mut team_ips = Vec::new();
+    for pod in &team {
+        team_ips.push(add_in(&rt, &list, pod, "team")?);
+    }
+    ensure!(
+        team_ips.iter().all(|ip| TEAM_CIDR
+            .parse::<ipnet::Ipv4Net>()
+            .is_ok_and(|n| n.contains(ip))),
+        "team pods outside {TEAM_CIDR}: {team_ips:?}"
+    );
+    // The last team pod goes: its address is cooling down at the damage.
+    let out = rt.del(&list, &CniCall::del(&team[2]), &json!({}))?;
+    ensure!(out.success(), "DEL failed: {out}");
+    let (live, live_ips) = (&team[..2], &team_ips[..2]);
+
+    let st = ipamd.terminate()?;
+    ensure!(st.success(), "ipamd did not stop cleanly: {st}");
+    std::fs::File::options()
+        .write(true)
+        .open(node.path("state").join("db").join("db"))?
+        .set_len(300)?;
+    ipamd
+        .restart_answering()
+        .context("ipamd did not come back after the damage")?;
+
+    // Until the lost cooldowns have passed: no new address, and it says why.
+    let newcomer = Pod::new()?;
+    let out = rt.add(
+        &list,
+        &CniCall::add(&newcomer).with_args(&k8s_args("default", newcomer.ns.name())),
+        &json!({}),
+    )?;
+    ensure!(
+        out.error_code() == Some(11) && out.msg().contains("rebuilt"),
+        "ADD right after the rebuild: {out}\nipamd log:\n{}",
+        ipamd.log_tail(30)
+    );
+    let status = cni_status(&rt, &list)?;
+    ensure!(
+        status.error_code() == Some(50) && status.msg().contains("held"),
+        "STATUS right after the rebuild: {status}"
+    );
+
+    // The run-time pool is gone with the old database; adding it again
+    // adopts what the live team pods hold.
+    ipamd.ipamctl_ok(&["pool", "add", "team", TEAM_CIDR, "--namespace", "team"])?;
+    let held = ipamd.held()?;
+    for (pod, ip) in live.iter().zip(live_ips) {
+        let want = (*ip, format!("adopted:{}", pod.host_veth()));
+        ensure!(
+            held.contains(&want),
+            "pool add did not adopt {ip} of {}: ipamd holds {held:?}",
+            pod.host_veth()
+        );
+    }
+    // Their blocks got a blackhole at once, as a claim at Allocate does.
+    let blackholes: Vec<ipnet::Ipv4Net> = node
+        .ns
+        .ip(&["-4", "route", "show", "proto", "102", "type", "blackhole"])?
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .collect();
+    for ip in live_ips {
+        ensure!(
+            blackholes.iter().any(|b| b.contains(ip)),
+            "no blackhole route covers the adopted {ip}: {blackholes:?}"
+        );
+    }
+
+    wait_until(
+        "STATUS to succeed once the cooldown has passed",
+        std::time::Duration::from_secs(COOLDOWN_SECS + 20),
+        || Ok(cni_status(&rt, &list)?.success().then_some(())),
+    )?;
+    let fresh = Pod::new()?;
+    let ip = add_in(&rt, &list, &fresh, "team")?;
+    ensure!(
+        !live_ips.contains(&ip),
+        "a new team pod got {ip}, which a live pod holds ({live_ips:?})"
+    );
+    for pod in live {
+        ensure!(
+            pod.ns.ping(&node.ip.to_string()),
+            "a live team pod lost its network"
+        );
+    }
+
+    for pod in live.iter().chain([&fresh]) {
+        let out = rt.del(&list, &CniCall::del(pod), &json!({}))?;
+        ensure!(out.success(), "DEL failed: {out}");
+    }
+    let left = ipamd.held()?;
+    ensure!(left.is_empty(), "allocations left after DEL: {left:?}");
+    Ok(())
+}
