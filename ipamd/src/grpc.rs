@@ -44,6 +44,7 @@ fn reconcile_status(err: &ReconcileError) -> Status {
     match err {
         ReconcileError::Ipam(e) => ipam_status(e),
         ReconcileError::Node(e) => Status::internal(format!("reconcile: {e}")),
+        ReconcileError::ShuttingDown => Status::unavailable(err.to_string()),
     }
 }
 

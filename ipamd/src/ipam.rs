@@ -420,11 +420,18 @@ impl Ipam {
 
     /// All allocations (sorted by IP) and the last activity per key, from
     /// one moment, for reconcile.
-    pub fn allocations_with_activity(&self) -> (Vec<Allocation>, HashMap<AllocKey, i64>) {
+    /// Every allocation (unordered) with its last Allocate or Check, if
+    /// any. Under the lock only pointers and times are copied.
+    pub fn allocations_with_activity(&self) -> Vec<(Arc<Allocation>, Option<i64>)> {
         let st = self.lock();
-        let all = st.allocations(&AllocationFilter::default());
-        let activity = self.activity(&st).clone();
-        (all, activity)
+        let activity = self.activity(&st);
+        st.shared_allocations()
+            .into_iter()
+            .map(|a| {
+                let t = activity.get(&a.key).copied();
+                (a, t)
+            })
+            .collect()
     }
 
     /// Releases every allocation of `network` whose key is not in `valid`,
@@ -716,30 +723,37 @@ impl Ipam {
     /// item is compared again under the lock, against the store's state as of
     /// the same batch (`Store::probe`), and reported only if it still differs.
     pub async fn check_consistency(&self) -> Result<Vec<String>, IpamError> {
+        // Allocate waits on this lock: copy pointers under it, no more.
         let (mem, seq) = {
             let st = self.lock();
-            (Holdings::of_memory(&st), self.store.last_seq())
+            (MemoryCopy::of(&st), self.store.last_seq())
         };
-        // One consistent state of memory: this needs no store.
-        let mut out: Vec<String> = mem
-            .allocations
-            .values()
-            .filter(|a| !mem.blocks.keys().any(|(_, b)| b.contains(&a.ip)))
-            .map(|a| format!("allocation {} lies in no block this node owns", a.ip))
-            .collect();
-        out.sort();
         // Fails only on a poisoned store, whose queued batches the probe
         // below still sees: compare anyway.
         if let Err(e) = self.store.durable(seq).await {
             debug!(error = %e, "consistency check: store is not durable");
         }
+        // Reading and comparing every record is CPU bound: off the async
+        // workers, which serve Allocate.
         let store = self.store.clone();
-        let disk = match tokio::task::spawn_blocking(move || store.scan_written()).await {
-            Ok(r) => Holdings::of_snapshot(r?),
+        let compared = tokio::task::spawn_blocking(move || {
+            let mem = Holdings::of_memory(mem);
+            // One consistent state of memory: this needs no store.
+            let mut out: Vec<String> = mem
+                .allocations
+                .values()
+                .filter(|a| !mem.blocks.keys().any(|(_, b)| b.contains(&a.ip)))
+                .map(|a| format!("allocation {} lies in no block this node owns", a.ip))
+                .collect();
+            out.sort();
+            let disk = Holdings::of_snapshot(store.scan_written()?);
+            Ok::<_, StoreError>((out, mem.differences(&disk)))
+        });
+        let (mut out, probe) = match compared.await {
+            Ok(r) => r?,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(_) => return Err(StoreError::Closed.into()),
         };
-        let probe = mem.differences(&disk);
         if probe == Probe::default() {
             return Ok(out);
         }
@@ -753,28 +767,46 @@ impl Ipam {
     }
 }
 
+/// Memory's state as taken under the allocator lock: pointers to the
+/// allocations, and the few blocks and cooling entries.
+struct MemoryCopy {
+    allocations: Vec<Arc<Allocation>>,
+    blocks: Vec<BlockClaim>,
+    cooling: Vec<(Ipv4Addr, i64)>,
+}
+
+impl MemoryCopy {
+    fn of(st: &Allocator) -> Self {
+        MemoryCopy {
+            allocations: st.shared_allocations(),
+            blocks: st.block_claims(),
+            cooling: st.cooling(),
+        }
+    }
+}
+
 /// What [`Ipam::check_consistency`] compares, as memory or the store holds it.
 #[derive(Debug, Default)]
 struct Holdings {
-    allocations: BTreeMap<AllocKey, Allocation>,
+    allocations: BTreeMap<AllocKey, Arc<Allocation>>,
     blocks: BTreeMap<(String, Ipv4Net), BlockClaim>,
     cooling: BTreeMap<Ipv4Addr, i64>,
 }
 
 impl Holdings {
-    fn of_memory(st: &Allocator) -> Self {
+    fn of_memory(m: MemoryCopy) -> Self {
         Holdings {
-            allocations: st
-                .allocations(&AllocationFilter::default())
+            allocations: m
+                .allocations
                 .into_iter()
                 .map(|a| (a.key.clone(), a))
                 .collect(),
-            blocks: st
-                .block_claims()
+            blocks: m
+                .blocks
                 .into_iter()
                 .map(|b| ((b.pool.clone(), b.cidr), b))
                 .collect(),
-            cooling: st.cooling().into_iter().collect(),
+            cooling: m.cooling.into_iter().collect(),
         }
     }
 
@@ -785,7 +817,7 @@ impl Holdings {
             allocations: p
                 .allocations
                 .iter()
-                .filter_map(|k| st.get(k).map(|a| (k.clone(), a.clone())))
+                .filter_map(|k| st.get_shared(k).map(|a| (k.clone(), a)))
                 .collect(),
             blocks: st
                 .block_claims()
@@ -809,7 +841,7 @@ impl Holdings {
             allocations: s
                 .allocations
                 .into_iter()
-                .map(|a| (a.key.clone(), a))
+                .map(|a| (a.key.clone(), Arc::new(a)))
                 .collect(),
             blocks: s
                 .blocks
@@ -1298,7 +1330,7 @@ mod tests {
             Some(a.clone())
         );
         assert_eq!(ipam.get(&a.key), None);
-        assert!(ipam.allocations_with_activity().1.is_empty());
+        assert!(ipam.activity.lock().unwrap().is_empty());
         assert!(ipam.check_consistency().await.unwrap().is_empty());
     }
 
@@ -1310,13 +1342,17 @@ mod tests {
         ipam.allocate(params(2)).await.unwrap();
         tc.advance(5);
         ipam.allocate(params(2)).await.unwrap();
-        let (all, activity) = ipam.allocations_with_activity();
-        assert_eq!(all.len(), 2);
-        assert_eq!(activity.get(&params(1).key), Some(&t0));
-        assert_eq!(activity.get(&params(2).key), Some(&(t0 + 5)));
+        let activity: HashMap<AllocKey, Option<i64>> = ipam
+            .allocations_with_activity()
+            .into_iter()
+            .map(|(a, t)| (a.key.clone(), t))
+            .collect();
+        assert_eq!(activity.len(), 2);
+        assert_eq!(activity[&params(1).key], Some(t0));
+        assert_eq!(activity[&params(2).key], Some(t0 + 5));
         ipam.release(&params(1).key).await.unwrap();
         ipam.gc("ferry", &[]).await.unwrap();
-        assert!(ipam.allocations_with_activity().1.is_empty());
+        assert!(ipam.activity.lock().unwrap().is_empty());
     }
 
     #[tokio::test]

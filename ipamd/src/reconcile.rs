@@ -53,12 +53,25 @@ pub enum ReconcileError {
     Node(#[from] NodeError),
     #[error(transparent)]
     Ipam(#[from] IpamError),
+    #[error("ipamd is shutting down")]
+    ShuttingDown,
+}
+
+/// Runs `f` on tokio's blocking pool; a panic in it goes on here.
+async fn off_worker<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ReconcileError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(t) => Ok(t),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(ReconcileError::ShuttingDown),
+    }
 }
 
 /// What one look saw.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    pub allocations: Vec<Allocation>,
+    pub allocations: Vec<Arc<Allocation>>,
     /// The last Allocate or Check per key.
     pub activity: HashMap<AllocKey, i64>,
     pub links: Vec<HostLink>,
@@ -144,7 +157,7 @@ pub fn decide(obs: &mut Observations, snap: &Snapshot, grace: Duration) -> Decis
                     "host veth {veth} of {who} missing but its netns {} exists; {} kept",
                     a.pod.netns, a.ip
                 ),
-                allocation: Some(a.clone()),
+                allocation: Some(Allocation::clone(a)),
             });
             continue;
         }
@@ -175,10 +188,10 @@ pub fn decide(obs: &mut Observations, snap: &Snapshot, grace: Duration) -> Decis
         decision.findings.push(Finding {
             kind: FindingKind::LeakedAllocation,
             detail,
-            allocation: Some(a.clone()),
+            allocation: Some(Allocation::clone(a)),
         });
         if release {
-            decision.release.push(a.clone());
+            decision.release.push(Allocation::clone(a));
         }
     }
     // Forget keys that are gone or whose veth came back.
@@ -242,7 +255,7 @@ fn address_findings(snap: &Snapshot) -> Vec<Finding> {
                     "{} of {} is in no block this node owns (recorded block {})",
                     a.ip, a.key.container_id, a.block
                 ),
-                allocation: Some(a.clone()),
+                allocation: Some(Allocation::clone(a)),
             });
         }
     }
@@ -260,7 +273,7 @@ fn address_findings(snap: &Snapshot) -> Vec<Finding> {
                 who.len(),
                 who.join(", ")
             ),
-            allocation: Some(holders[0].clone()),
+            allocation: Some(Allocation::clone(holders[0])),
         });
     }
     findings
@@ -303,24 +316,57 @@ impl Reconciler {
         }
     }
 
+    /// What the host and the core hold now. A stat per allocation's netns
+    /// and a map per key add up on a full node: the work after the netlink
+    /// dump and the core's (short) lock runs off the async workers, which
+    /// serve Allocate.
     async fn snapshot(&self) -> Result<Snapshot, ReconcileError> {
         let links = self.links.fry_links().await?;
-        let (allocations, activity) = self.ipam.allocations_with_activity();
-        let live_netns = allocations
-            .iter()
-            .map(|a| &a.pod.netns)
-            .filter(|p| !p.is_empty() && std::path::Path::new(p).exists())
-            .cloned()
-            .collect();
-        Ok(Snapshot {
-            allocations,
-            activity,
-            links,
-            live_netns,
-            owned_blocks: self.ipam.owned_blocks(),
-            foreign_claims: self.ipam.foreign_claims().await?,
-            now_ms: self.clock.now_unix_ms(),
+        let with_activity = self.ipam.allocations_with_activity();
+        let owned_blocks = self.ipam.owned_blocks();
+        let foreign_claims = self.ipam.foreign_claims().await?;
+        let now_ms = self.clock.now_unix_ms();
+        off_worker(move || {
+            let live_netns = with_activity
+                .iter()
+                .map(|(a, _)| &a.pod.netns)
+                .filter(|p| !p.is_empty() && std::path::Path::new(p).exists())
+                .cloned()
+                .collect();
+            let activity = with_activity
+                .iter()
+                .filter_map(|(a, t)| Some((a.key.clone(), (*t)?)))
+                .collect();
+            Snapshot {
+                allocations: with_activity.into_iter().map(|(a, _)| a).collect(),
+                activity,
+                links,
+                live_netns,
+                owned_blocks,
+                foreign_claims,
+                now_ms,
+            }
         })
+        .await
+    }
+
+    /// [`decide`] off the async workers (a hash per allocation).
+    async fn decide(
+        &self,
+        obs: &mut Observations,
+        snap: Snapshot,
+    ) -> Result<Decision, ReconcileError> {
+        let grace = self.grace;
+        // Should the closure panic, the looks start over: that only keeps
+        // things longer.
+        let mut taken = std::mem::take(obs);
+        let (back, decision) = off_worker(move || {
+            let d = decide(&mut taken, &snap, grace);
+            (taken, d)
+        })
+        .await?;
+        *obs = back;
+        Ok(decision)
     }
 
     /// One look, for CheckConsistency: records what it saw (it is a real
@@ -328,7 +374,7 @@ impl Reconciler {
     pub async fn look(&self) -> Result<Vec<Finding>, ReconcileError> {
         let mut obs = self.obs.lock().await;
         let snap = self.snapshot().await?;
-        Ok(decide(&mut obs, &snap, self.grace).findings)
+        Ok(self.decide(&mut obs, snap).await?.findings)
     }
 
     /// One pass: look, log the findings, release and delete what has been
@@ -336,7 +382,7 @@ impl Reconciler {
     pub async fn run_once(&self) -> Result<Outcome, ReconcileError> {
         let mut obs = self.obs.lock().await;
         let snap = self.snapshot().await?;
-        let decision = decide(&mut obs, &snap, self.grace);
+        let decision = self.decide(&mut obs, snap).await?;
         let mut logged = HashSet::new();
         for f in &decision.findings {
             if obs.logged.contains(&f.detail) {
@@ -416,7 +462,7 @@ impl Reconciler {
             actions.push(Finding {
                 kind: FindingKind::LeakedAllocation,
                 detail,
-                allocation: Some(a.clone()),
+                allocation: Some(Allocation::clone(a)),
             });
         }
         for link in snap.orphans() {
@@ -542,7 +588,7 @@ mod tests {
         grace: Duration,
     ) -> Decision {
         let snap = Snapshot {
-            allocations: allocations.to_vec(),
+            allocations: allocations.iter().cloned().map(Arc::new).collect(),
             activity: activity.clone(),
             links: links.to_vec(),
             live_netns: HashSet::new(),
@@ -773,7 +819,7 @@ mod tests {
         let mut obs = Observations::default();
         let a = alloc("aaa", 0);
         let mut snap = Snapshot {
-            allocations: vec![a.clone()],
+            allocations: vec![Arc::new(a.clone())],
             live_netns: HashSet::from([a.pod.netns.clone()]),
             owned_blocks: vec!["10.244.0.0/26".parse().unwrap()],
             now_ms: 1000 * S,
@@ -834,7 +880,7 @@ mod tests {
         let mut c = alloc("ccc", 0);
         c.ip = "10.9.9.9".parse().unwrap();
         let snap = Snapshot {
-            allocations: vec![a.clone(), b.clone(), c.clone()],
+            allocations: [&a, &b, &c].map(|x| Arc::new(x.clone())).to_vec(),
             links: links(&[&veth(&a), &veth(&b), &veth(&c)]),
             owned_blocks: vec!["10.244.0.0/26".parse().unwrap()],
             now_ms: 1000 * S,

@@ -6,6 +6,7 @@ pub mod v1 {
     tonic::include_proto!("ferry.ipam.v1");
 }
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -43,8 +44,15 @@ pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
     hasher.update([0u8]);
     hasher.update(ifname.as_bytes());
     let digest = hasher.finalize();
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{HOST_VETH_PREFIX}{}", &hex[..11])
+    // 11 hex digits: the first 6 bytes, less the last nibble. One buffer,
+    // as reconcile names every allocation's veth at each look.
+    let mut name = String::with_capacity(HOST_VETH_PREFIX.len() + 12);
+    name.push_str(HOST_VETH_PREFIX);
+    for b in &digest[..6] {
+        let _ = write!(name, "{b:02x}");
+    }
+    name.truncate(HOST_VETH_PREFIX.len() + 11);
+    name
 }
 
 /// Whether `name` is one [`host_veth_name`] makes: `fry` and exactly 11
@@ -124,6 +132,9 @@ mod tests {
         assert_ne!(a, host_veth_name("0123456789abcdef", "eth1"));
         // The separator keeps ("ab","c") and ("a","bc") apart.
         assert_ne!(host_veth_name("ab", "c"), host_veth_name("a", "bc"));
+        // Pods that exist keep their veth across upgrades: the name is
+        // sha256(container_id NUL ifname), first 11 hex digits, forever.
+        assert_eq!(a, "fry95d930c5a66");
     }
 
     #[test]

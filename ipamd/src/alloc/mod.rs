@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use tracing::warn;
@@ -111,7 +112,8 @@ pub struct Allocator {
     pools: BTreeMap<String, PoolSpec>,
     /// Blocks this node owns, keyed by CIDR (blocks never overlap).
     blocks: BTreeMap<Ipv4Net, BlockState>,
-    allocations: HashMap<AllocKey, Allocation>,
+    /// Shared so a look at all of them under the lock copies pointers only.
+    allocations: HashMap<AllocKey, Arc<Allocation>>,
     by_ip: BTreeMap<Ipv4Addr, AllocKey>,
     /// ip -> released_unix_ms.
     cooling: BTreeMap<Ipv4Addr, i64>,
@@ -221,7 +223,7 @@ impl Allocator {
                     self.remove_allocation(&old.key, now_ms);
                 }
                 let fresh = !self.allocations.contains_key(&a.key);
-                self.allocations.insert(a.key.clone(), a.clone());
+                self.allocations.insert(a.key.clone(), Arc::new(a.clone()));
                 self.by_ip.insert(a.ip, a.key.clone());
                 if let Some(b) = self.block_mut(a.ip) {
                     b.set_used(a.ip, true);
@@ -357,21 +359,32 @@ impl Allocator {
     }
 
     pub fn get(&self, key: &AllocKey) -> Option<&Allocation> {
-        self.allocations.get(key)
+        self.allocations.get(key).map(Arc::as_ref)
+    }
+
+    /// [`Allocator::get`], shared.
+    pub fn get_shared(&self, key: &AllocKey) -> Option<Arc<Allocation>> {
+        self.allocations.get(key).cloned()
     }
 
     pub fn holder(&self, ip: Ipv4Addr) -> Option<&Allocation> {
-        self.by_ip.get(&ip).and_then(|k| self.allocations.get(k))
+        self.by_ip.get(&ip).and_then(|k| self.get(k))
     }
 
     /// Allocations matching `filter`, sorted by IP.
     pub fn allocations(&self, filter: &AllocationFilter) -> Vec<Allocation> {
         self.by_ip
             .values()
-            .filter_map(|k| self.allocations.get(k))
+            .filter_map(|k| self.get(k))
             .filter(|a| filter.matches(a))
             .cloned()
             .collect()
+    }
+
+    /// Every allocation, unordered: cheap enough to take under a lock that
+    /// Allocate waits on (one pointer each), where a deep copy is not.
+    pub fn shared_allocations(&self) -> Vec<Arc<Allocation>> {
+        self.allocations.values().cloned().collect()
     }
 
     pub fn allocation_count(&self) -> usize {
@@ -552,7 +565,7 @@ impl Allocator {
                     reason: format!("this attachment already holds {}", a.ip),
                 });
             }
-            return Ok(Plan::Existing(a.clone()));
+            return Ok(Plan::Existing(Allocation::clone(a)));
         }
         if let Some(held) = self.fresh_hold(now_ms) {
             return Err(held);
@@ -767,7 +780,7 @@ impl Allocator {
 
     /// None for an unknown key (release is idempotent).
     pub fn plan_release(&self, key: &AllocKey, now_ms: i64) -> Option<(Allocation, Vec<Mutation>)> {
-        let a = self.allocations.get(key)?;
+        let a = self.get(key)?;
         Some((a.clone(), release_mutations(a, now_ms)))
     }
 
@@ -789,7 +802,7 @@ impl Allocator {
                     && !valid.contains(&a.key)
                     && a.created_unix_ms <= created_by_ms
             })
-            .cloned()
+            .map(|a| Allocation::clone(a))
             .collect();
         gone.sort_by_key(|a| a.ip);
         let muts = gone
