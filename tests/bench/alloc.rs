@@ -58,7 +58,7 @@ fn key(level: usize, i: usize) -> AllocationKey {
     }
 }
 
-async fn client(socket: &Path) -> Result<IpamClient<Channel>> {
+pub(crate) async fn client(socket: &Path) -> Result<IpamClient<Channel>> {
     let channel = ferry_proto::connect_uds(socket, Duration::from_secs(10))
         .await
         .context("connecting to ipamd")?;
@@ -121,16 +121,16 @@ fn release_request(k: &AllocationKey) -> ReleaseRequest {
 }
 
 #[derive(Clone, Copy)]
-enum Op {
+pub(crate) enum Op {
     Allocate,
     Release,
 }
 
-struct Pass {
-    wall_ms: f64,
-    latencies_ms: Vec<f64>,
-    errors: usize,
-    first_error: Option<String>,
+pub(crate) struct Pass {
+    pub wall_ms: f64,
+    pub latencies_ms: Vec<f64>,
+    pub errors: usize,
+    pub first_error: Option<String>,
 }
 
 async fn level(
@@ -174,22 +174,41 @@ async fn level(
 }
 
 /// `allocs` operations spread over the connections, each client taking the
-/// next index from a shared counter until none are left.
-async fn pass(
+/// next index from a shared counter until none are left. `level` only names
+/// the keys (`bench-c<level>-<i>`).
+pub(crate) async fn pass(
     conns: &[IpamClient<Channel>],
     level: usize,
     allocs: usize,
     op: Op,
     stop: &'static AtomicBool,
 ) -> Result<Pass> {
+    pass_paced(conns, level, allocs, op, Duration::ZERO, stop).await
+}
+
+/// [`pass`] where each client pauses `gap` after each call (the clients'
+/// starts spread over one `gap`), so the pass lasts longer at the same count.
+pub(crate) async fn pass_paced(
+    conns: &[IpamClient<Channel>],
+    level: usize,
+    allocs: usize,
+    op: Op,
+    gap: Duration,
+    stop: &'static AtomicBool,
+) -> Result<Pass> {
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
+    let n = conns.len().max(1) as u32;
     let tasks: Vec<_> = conns
         .iter()
         .cloned()
-        .map(|mut c| {
+        .enumerate()
+        .map(|(j, mut c)| {
             let next = next.clone();
             tokio::spawn(async move {
+                if !gap.is_zero() {
+                    tokio::time::sleep(gap * j as u32 / n).await;
+                }
                 let mut lat = Vec::new();
                 let mut errors = 0usize;
                 let mut first_error = None;
@@ -213,6 +232,9 @@ async fn pass(
                                 format!("{:?}: {}", status.code(), status.message())
                             });
                         }
+                    }
+                    if !gap.is_zero() {
+                        tokio::time::sleep(gap).await;
                     }
                 }
                 (lat, errors, first_error)

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! sudo cargo run --release -p ferry-tests --bin bench -- [--pods 200] [--burst 100] [--allocs 5000] [--json]
+//! sudo cargo run --release -p ferry-tests --bin bench -- --only check [--check-clients 8] [--check-allocs 250] [--check-prefill 5000] [--check-gap-ms 20]
 //! ```
 //!
 //! The world: a fabric netns, a node netns wired to it (the harness's
@@ -16,6 +17,7 @@
 //! non-zero only when it could not run.
 
 mod alloc;
+mod check;
 mod report;
 mod stats;
 mod worker;
@@ -27,13 +29,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use ferry_tests::{
     ChildGuard, Fabric, Ipamd, IpamdConfig, Netns, cni_plugin_dir, ferry_netconf, is_root,
 };
 use serde_json::json;
 
-use crate::report::Report;
+use crate::report::{CheckOnlyReport, Report};
 use crate::worker::{PluginSpec, Spec};
 
 /// Benchmark ferry's CNI plugin and ipamd against the reference plugins.
@@ -56,6 +58,24 @@ struct Args {
     /// rotating each round, so background noise is shared fairly.
     #[arg(long, default_value_t = 4)]
     rounds: usize,
+    /// Run only this scenario (`check`: Allocate with and without an
+    /// `ipamctl check` loop; needs no reference plugins).
+    #[arg(long, value_enum)]
+    only: Option<Only>,
+    /// Check-loop scenario: concurrent Allocate clients.
+    #[arg(long, default_value_t = 8)]
+    check_clients: usize,
+    /// Check-loop scenario: Allocates per run, in total over all clients.
+    #[arg(long, default_value_t = 250)]
+    check_allocs: usize,
+    /// Check-loop scenario: allocations the store holds before each run, so
+    /// that a check has a real store to read.
+    #[arg(long, default_value_t = 5000)]
+    check_prefill: usize,
+    /// Check-loop scenario: each client's pause after each Allocate, in ms,
+    /// so that the run spans several checks (0: back to back).
+    #[arg(long, default_value_t = 20)]
+    check_gap_ms: u64,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -65,6 +85,12 @@ struct Args {
     /// Internal: where the worker writes its results.
     #[arg(long, hide = true)]
     worker_out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Only {
+    /// Allocate latency with and without `ipamctl check` running in a loop.
+    Check,
 }
 
 /// Set by SIGINT/SIGTERM; every step checks it and unwinds through the guards.
@@ -98,21 +124,17 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGINT, h);
         libc::signal(libc::SIGTERM, h);
     }
-    match run(&args) {
-        Ok(report) => {
-            if args.json {
-                match serde_json::to_string_pretty(&report) {
-                    Ok(s) => println!("{s}"),
-                    Err(e) => {
-                        eprintln!("bench: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                }
-            } else {
-                report.print();
+    if args.only == Some(Only::Check) {
+        return match run_check_only(&args) {
+            Ok(report) => print_report(&report, args.json, CheckOnlyReport::print),
+            Err(e) => {
+                eprintln!("bench: could not run: {e:#}");
+                ExitCode::FAILURE
             }
-            ExitCode::SUCCESS
-        }
+        };
+    }
+    match run(&args) {
+        Ok(report) => print_report(&report, args.json, Report::print),
         Err(e) => {
             eprintln!("bench: could not run: {e:#}");
             ExitCode::FAILURE
@@ -137,6 +159,69 @@ fn ferry_bin_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
+fn print_report<T: serde::Serialize>(report: &T, json: bool, print: fn(&T)) -> ExitCode {
+    if json {
+        match serde_json::to_string_pretty(report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("bench: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print(report);
+    }
+    ExitCode::SUCCESS
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn check_params(args: &Args) -> Result<check::Params> {
+    if args.check_clients == 0 || args.check_allocs == 0 {
+        bail!("--check-clients and --check-allocs must be at least 1");
+    }
+    // Both fit in ipamd's 10.96.0.0/12 with room to spare.
+    if args.check_prefill + args.check_allocs > 500_000 {
+        bail!("--check-prefill + --check-allocs must be at most 500000");
+    }
+    Ok(check::Params {
+        clients: args.check_clients,
+        allocs: args.check_allocs,
+        prefill: args.check_prefill,
+        gap: Duration::from_millis(args.check_gap_ms),
+    })
+}
+
+fn tokio_runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// `--only check`: a fabric and one fresh node per run, nothing else.
+fn run_check_only(args: &Args) -> Result<CheckOnlyReport> {
+    if !is_root() {
+        bail!("the bench needs root: it creates network namespaces");
+    }
+    let params = check_params(args)?;
+    let bin_dir = ferry_bin_dir()?;
+    let started = Instant::now();
+    let load_average_start = load_average();
+    let fabric = Fabric::new().context("creating the fabric netns")?;
+    let rt = tokio_runtime()?;
+    let c = check::run(&fabric, &bin_dir.join("ipamctl"), &rt, params, &STOP)?;
+    Ok(CheckOnlyReport::new(
+        c,
+        started.elapsed().as_secs_f64(),
+        load_average_start,
+    ))
+}
+
 fn run(args: &Args) -> Result<Report> {
     if !is_root() {
         bail!("the bench needs root: it creates network namespaces");
@@ -144,6 +229,7 @@ fn run(args: &Args) -> Result<Report> {
     if args.pods == 0 || args.burst == 0 || args.allocs == 0 || args.rounds == 0 {
         bail!("--pods, --burst, --allocs and --rounds must be at least 1");
     }
+    let check_params = check_params(args)?;
     let bin_dir = ferry_bin_dir()?;
     let cni_dir = cni_plugin_dir();
     for p in ["ptp", "bridge", "host-local"] {
@@ -155,9 +241,7 @@ fn run(args: &Args) -> Result<Report> {
         }
     }
     let started = Instant::now();
-    let load_average_start = std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default();
+    let load_average_start = load_average();
 
     // The world. Guards drop in reverse order: pods, ipamd, node, fabric.
     eprintln!("bench: creating the fabric, the node and pod namespaces ...");
@@ -245,10 +329,7 @@ fn run(args: &Args) -> Result<Report> {
         },
     )
     .context("starting ipamd for the Allocate runs")?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = tokio_runtime()?;
     let levels = rt.block_on(alloc::run(
         ipamd2.socket(),
         ipamd2.pid(),
@@ -258,6 +339,12 @@ fn run(args: &Args) -> Result<Report> {
     ))?;
     let rss_alloc = ipamd2.pid().and_then(peak_rss_kib);
     let _ = ipamd2.terminate();
+    drop(ipamd2);
+    drop(node2);
+    check_stop()?;
+
+    // Allocate while `ipamctl check` loops, against the same without it.
+    let check_load = check::run(&fabric, &bin_dir.join("ipamctl"), &rt, check_params, &STOP)?;
 
     let size = |p: PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     Ok(Report::new(
@@ -266,6 +353,7 @@ fn run(args: &Args) -> Result<Report> {
         args.allocs,
         plugin_out.plugins,
         levels,
+        Some(check_load),
         report::Resources {
             ipamd_rss_kib_idle: rss_idle,
             held_pods: plugin_out.hold.as_ref().map_or(0, |h| h.pods - h.failures),

@@ -3,6 +3,7 @@
 use serde::Serialize;
 
 use crate::alloc::AllocLevel;
+use crate::check::{CheckLoad, CheckRun};
 use crate::worker::PluginResult;
 
 /// Sizes and memory, gathered by the orchestrator.
@@ -57,6 +58,8 @@ pub struct Report {
     pub plugins: Vec<PluginResult>,
     pub ratios: Vec<Ratio>,
     pub allocate: Vec<AllocLevel>,
+    /// Allocate with and without `ipamctl check` running in a loop.
+    pub check_load: Option<CheckLoad>,
     pub resources: Resources,
     pub targets: Vec<Target>,
 }
@@ -73,6 +76,7 @@ impl Report {
         allocs_per_level: usize,
         plugins: Vec<PluginResult>,
         allocate: Vec<AllocLevel>,
+        check_load: Option<CheckLoad>,
         resources: Resources,
         elapsed_s: f64,
         load_average_start: String,
@@ -165,6 +169,7 @@ impl Report {
             plugins,
             ratios,
             allocate,
+            check_load,
             resources,
             targets,
         }
@@ -268,6 +273,10 @@ impl Report {
                 us(l.client_cpu_us_per_alloc)
             );
         }
+        if let Some(c) = &self.check_load {
+            println!();
+            print_check_load(c);
+        }
         println!();
         let r = &self.resources;
         let mib =
@@ -308,6 +317,11 @@ impl Report {
             .allocate
             .iter()
             .filter_map(|l| l.first_error.as_ref())
+            .chain(self.check_load.iter().flat_map(|c| {
+                [&c.without_check, &c.with_status, &c.with_check]
+                    .into_iter()
+                    .filter_map(|r| r.first_error.as_ref())
+            }))
             .collect();
         if !errors.is_empty() || !alloc_errors.is_empty() {
             println!();
@@ -317,4 +331,112 @@ impl Report {
             }
         }
     }
+}
+
+/// `bench --only check`: just that scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckOnlyReport {
+    pub cpus: usize,
+    pub elapsed_s: f64,
+    pub load_average_start: String,
+    pub check_load: CheckLoad,
+}
+
+impl CheckOnlyReport {
+    pub fn new(check_load: CheckLoad, elapsed_s: f64, load_average_start: String) -> Self {
+        Self {
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            elapsed_s,
+            load_average_start,
+            check_load,
+        }
+    }
+
+    pub fn print(&self) {
+        println!();
+        println!(
+            "ferry bench --only check: {} CPU(s), {:.0} s",
+            self.cpus, self.elapsed_s
+        );
+        println!(
+            "load average at start: {} (anything near the CPU count inflates every figure)",
+            self.load_average_start
+        );
+        println!();
+        print_check_load(&self.check_load);
+        let errors: Vec<&String> = [
+            &self.check_load.without_check,
+            &self.check_load.with_status,
+            &self.check_load.with_check,
+        ]
+        .into_iter()
+        .filter_map(|r| r.first_error.as_ref())
+        .collect();
+        if !errors.is_empty() {
+            println!();
+            println!("First failures");
+            for e in errors {
+                println!("  {e}");
+            }
+        }
+    }
+}
+
+/// The table of the check-loop scenario: no loop, status loop, check loop.
+fn print_check_load(c: &CheckLoad) {
+    println!(
+        "ipamd Allocate while `ipamctl check` runs in a loop ({} clients, {} Allocates per run in total, \
+         each client pausing {:.0} ms after each; fresh ipamd per run holding {} allocations)",
+        c.clients, c.allocs_per_run, c.gap_ms, c.prefill
+    );
+    println!(
+        "  {:<34}{:>16}{:>16}{:>16}",
+        "", "no loop", "status loop", "check loop"
+    );
+    let runs = [&c.without_check, &c.with_status, &c.with_check];
+    let row = |name: &str, f: &dyn Fn(&CheckRun) -> String| {
+        let mut line = format!("  {name:<34}");
+        for r in runs {
+            line.push_str(&format!("{:>16}", f(r)));
+        }
+        println!("{line}");
+    };
+    row("Allocate p50 ms", &|r| format!("{:.3}", r.latency.p50_ms));
+    row("Allocate p99 ms", &|r| format!("{:.3}", r.latency.p99_ms));
+    row("Allocate max ms", &|r| format!("{:.3}", r.latency.max_ms));
+    row("run wall ms (allocs/s)", &|r| {
+        format!("{:.0} ({:.0})", r.wall_ms, r.allocs_per_sec)
+    });
+    row("Allocate errors", &|r| format!("{}/{}", r.errors, r.allocs));
+    row("ipamctl check alone ms (findings)", &|r| {
+        format!("{:.1} ({})", r.solo_check_ms, r.solo_check_findings)
+    });
+    let looped = |f: fn(&CheckRun) -> String| {
+        move |r: &CheckRun| {
+            if r.loop_command.is_some() {
+                f(r)
+            } else {
+                "-".into()
+            }
+        }
+    };
+    row(
+        "loop execs completed during run",
+        &looped(|r| r.loop_completed.to_string()),
+    );
+    row(
+        "window with a loop exec running",
+        &looped(|r| format!("{:.0}%", r.loop_busy_share * 100.0)),
+    );
+    row(
+        "loop exec p50 / max ms",
+        &looped(|r| format!("{:.1} / {:.1}", r.loop_exec.p50_ms, r.loop_exec.max_ms)),
+    );
+    row("loop execs failed", &looped(|r| r.loop_failed.to_string()));
+    let x = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}x"));
+    println!(
+        "  Allocate p99, check loop / no loop: {}; check loop / status loop: {}",
+        x(c.p99_ratio),
+        x(c.p99_ratio_vs_status)
+    );
 }
