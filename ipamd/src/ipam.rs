@@ -992,6 +992,16 @@ mod tests {
         (ipam, store, tc)
     }
 
+    /// A core on a real sled store in `dir`, with one small default pool.
+    async fn open_sled(dir: &std::path::Path) -> (Ipam, Arc<SledStore>) {
+        let store = Arc::new(SledStore::open(dir).unwrap());
+        let pools = vec![spec("default", "10.0.0.0/24", 28, &[])];
+        let ipam = Ipam::open(opts(pools), store.clone(), Arc::new(LocalCluster))
+            .await
+            .unwrap();
+        (ipam, store)
+    }
+
     fn ip(s: &str) -> Ipv4Addr {
         s.parse().unwrap()
     }
@@ -1409,14 +1419,7 @@ mod tests {
     #[tokio::test]
     async fn failed_fdatasync_stops_sled_commits() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(SledStore::open(dir.path()).unwrap());
-        let ipam = Ipam::open(
-            opts(vec![spec("default", "10.0.0.0/24", 28, &[])]),
-            store.clone(),
-            Arc::new(LocalCluster),
-        )
-        .await
-        .unwrap();
+        let (ipam, store) = open_sled(dir.path()).await;
         ipam.allocate(params(1)).await.unwrap();
         store.fail_next_flush();
         assert!(matches!(
@@ -1835,14 +1838,7 @@ mod tests {
     #[tokio::test]
     async fn check_reports_real_differences() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(SledStore::open(dir.path()).unwrap());
-        let ipam = Ipam::open(
-            opts(vec![spec("default", "10.0.0.0/24", 28, &[])]),
-            store.clone(),
-            Arc::new(LocalCluster),
-        )
-        .await
-        .unwrap();
+        let (ipam, store) = open_sled(dir.path()).await;
         let a = ipam.allocate(params(1)).await.unwrap();
         let b = ipam.allocate(params(2)).await.unwrap();
         let stray = Allocation {
