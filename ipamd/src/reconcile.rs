@@ -75,6 +75,10 @@ pub struct Snapshot {
     /// The last Allocate or Check per key.
     pub activity: HashMap<AllocKey, i64>,
     pub links: Vec<HostLink>,
+    /// The address each of ferry's veths routes (its pod's).
+    pub link_addresses: HashMap<String, Ipv4Addr>,
+    /// Every pool's CIDR.
+    pub pool_cidrs: Vec<Ipv4Net>,
     /// The allocations' netns paths that exist.
     pub live_netns: HashSet<String>,
     pub owned_blocks: Vec<Ipv4Net>,
@@ -90,6 +94,14 @@ impl Snapshot {
 
     fn netns_alive(&self, a: &Allocation) -> bool {
         !a.pod.netns.is_empty() && self.live_netns.contains(&a.pod.netns)
+    }
+
+    /// The address `link` routes, when it lies in no pool: a pod of a pool
+    /// this node no longer knows (a run-time pool lost with a rebuilt
+    /// database). Its veth is kept, so that `ipamctl pool add` can adopt it.
+    fn unpooled_address(&self, link: &HostLink) -> Option<Ipv4Addr> {
+        let ip = *self.link_addresses.get(&link.name)?;
+        (!self.pool_cidrs.iter().any(|c| c.contains(&ip))).then_some(ip)
     }
 
     /// `fry*` links no allocation hangs off, by name.
@@ -197,7 +209,13 @@ pub fn decide(obs: &mut Observations, snap: &Snapshot, grace: Duration) -> Decis
     // Forget keys that are gone or whose veth came back.
     obs.first_missing.retain(|k, _| still_missing.contains(k));
 
-    let orphans = snap.orphans();
+    let (unpooled, orphans): (Vec<&HostLink>, Vec<&HostLink>) = snap
+        .orphans()
+        .into_iter()
+        .partition(|l| snap.unpooled_address(l).is_some());
+    decision
+        .findings
+        .extend(unpooled.into_iter().map(|l| kept_unpooled(snap, l)));
     obs.first_orphan.retain(|l, _| orphans.contains(&l));
     for link in orphans {
         let first = *obs.first_orphan.entry(link.clone()).or_insert(now_ms);
@@ -222,6 +240,22 @@ pub fn decide(obs: &mut Observations, snap: &Snapshot, grace: Duration) -> Decis
     }
     decision.findings.extend(address_findings(snap));
     decision
+}
+
+fn kept_unpooled(snap: &Snapshot, link: &HostLink) -> Finding {
+    let ip = snap
+        .unpooled_address(link)
+        .map_or_else(String::new, |ip| ip.to_string());
+    Finding {
+        kind: FindingKind::OrphanVeth,
+        detail: format!(
+            "host veth {} has no allocation and routes {ip}, which lies in no pool; kept: \
+             `ipamctl pool add` its pool (lost with a rebuilt database?) to adopt it, \
+             or delete its pod",
+            link.name
+        ),
+        allocation: None,
+    }
 }
 
 /// Duplicate addresses, allocations outside the node's blocks and blocks
@@ -322,6 +356,14 @@ impl Reconciler {
     /// serve Allocate.
     async fn snapshot(&self) -> Result<Snapshot, ReconcileError> {
         let links = self.links.fry_links().await?;
+        let link_addresses = self
+            .links
+            .veth_addresses()
+            .await?
+            .into_iter()
+            .map(|v| (v.link, v.ip))
+            .collect();
+        let pool_cidrs = self.ipam.pool_specs().iter().map(|p| p.cidr).collect();
         let with_activity = self.ipam.allocations_with_activity();
         let owned_blocks = self.ipam.owned_blocks();
         let foreign_claims = self.ipam.foreign_claims().await?;
@@ -337,10 +379,16 @@ impl Reconciler {
                 .iter()
                 .filter_map(|(a, t)| Some((a.key.clone(), (*t)?)))
                 .collect();
+            // Findings come out in the allocations' order: by IP.
+            let mut allocations: Vec<Arc<Allocation>> =
+                with_activity.into_iter().map(|(a, _)| a).collect();
+            allocations.sort_by_key(|a| a.ip);
             Snapshot {
-                allocations: with_activity.into_iter().map(|(a, _)| a).collect(),
+                allocations,
                 activity,
                 links,
+                link_addresses,
+                pool_cidrs,
                 live_netns,
                 owned_blocks,
                 foreign_claims,
@@ -466,6 +514,10 @@ impl Reconciler {
             });
         }
         for link in snap.orphans() {
+            if snap.unpooled_address(link).is_some() {
+                actions.push(kept_unpooled(&snap, link));
+                continue;
+            }
             let detail = if dry_run {
                 format!("would delete host veth {} (no allocation)", link.name)
             } else if self.unplug_orphan(link).await {
@@ -591,6 +643,8 @@ mod tests {
             allocations: allocations.iter().cloned().map(Arc::new).collect(),
             activity: activity.clone(),
             links: links.to_vec(),
+            link_addresses: HashMap::new(),
+            pool_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
             live_netns: HashSet::new(),
             owned_blocks: vec!["10.244.0.0/26".parse().unwrap()],
             foreign_claims: Vec::new(),
@@ -812,6 +866,42 @@ mod tests {
             GRACE,
         );
         assert!(d.unplug.is_empty());
+    }
+
+    /// A veth whose address lies in no pool belongs to a pod of a pool
+    /// lost with a rebuilt database: kept for `ipamctl pool add` to adopt,
+    /// however long it stays. One routing a pool's address goes as usual.
+    #[test]
+    fn an_orphan_routing_an_address_in_no_pool_is_kept() {
+        let mut obs = Observations::default();
+        let host = links(&["fry00000000001", "fry00000000002"]);
+        let mut snap = Snapshot {
+            links: host.clone(),
+            link_addresses: HashMap::from([
+                ("fry00000000001".to_string(), "10.250.0.1".parse().unwrap()),
+                ("fry00000000002".to_string(), "10.244.0.9".parse().unwrap()),
+            ]),
+            pool_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+            now_ms: 1000 * S,
+            ..Snapshot::default()
+        };
+        let first = decide(&mut obs, &snap, GRACE);
+        assert!(first.unplug.is_empty());
+        snap.now_ms += 10 * GRACE.as_millis() as i64;
+        let later = decide(&mut obs, &snap, GRACE);
+        assert_eq!(later.unplug, vec![host[1].clone()]);
+        let kept: Vec<&str> = later
+            .findings
+            .iter()
+            .filter(|f| f.detail.contains("kept"))
+            .map(|f| f.detail.as_str())
+            .collect();
+        assert!(
+            kept.len() == 1
+                && kept[0].contains("fry00000000001 ")
+                && kept[0].contains("10.250.0.1"),
+            "{kept:?}"
+        );
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! database, and the rebuild adopts only addresses inside configured pools.
 //! When the operator adds the pool again, ipamd must adopt what live pods
 //! hold in it (the allocator hands out the lowest addresses first: exactly
-//! theirs). And the cooldowns lost with the old database must still hold
+//! theirs), and until then neither reconcile nor gc may unplug those
+//! pods. And the cooldowns lost with the old database must still hold
 //! back addresses freed just before it: until the cooldown has passed since
 //! the rebuild, no new address is handed out (ADD answers 11, STATUS 50).
 
@@ -95,8 +96,19 @@ fn a_rebuilt_database_hands_out_no_live_or_cooling_address() -> Result<()> {
         "STATUS right after the rebuild: {status}"
     );
 
-    // The run-time pool is gone with the old database; adding it again
-    // adopts what the live team pods hold.
+    // The run-time pool is gone with the old database, so nothing holds
+    // the team pods' addresses: gc must still not unplug them.
+    let gc = ipamd.ipamctl_ok(&["gc"])?;
+    let links = node.ns.ferry_links()?;
+    for pod in live {
+        let veth = pod.host_veth();
+        ensure!(
+            links.contains(&veth) && gc.lines().any(|l| l.contains(&veth) && l.contains("kept")),
+            "gc before the pool is back: {veth} unplugged or not said to be kept\n{gc}\nlinks: {links:?}"
+        );
+    }
+
+    // Adding the pool again adopts what the live team pods hold.
     ipamd.ipamctl_ok(&["pool", "add", "team", TEAM_CIDR, "--namespace", "team"])?;
     let held = ipamd.held()?;
     for (pod, ip) in live.iter().zip(live_ips) {
