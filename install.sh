@@ -434,9 +434,22 @@ ipamd_log_tail() {
 	fi
 }
 
+# Ready, or only holding new addresses after a database rebuild (that ends
+# by itself after the cooldown; until then ADDs answer "try again").
+ipamd_usable() {
+	local out
+	out=$("$IPAMCTL" --socket "$SOCKET" status 2>&1) && return 0
+	if [[ $out == *"new addresses are held for another"* ]]; then
+		log "ipamd is up but holds new addresses after a database rebuild; pods wait until that ends:"
+		log "$(grep -m1 'reason:' <<<"$out")"
+		return 0
+	fi
+	return 1
+}
+
 wait_ready() {
 	local deadline=$((SECONDS + WAIT_SECS)) sup
-	until "$IPAMCTL" --socket "$SOCKET" status >/dev/null 2>&1; do
+	until ipamd_usable; do
 		if ((SECONDS >= deadline)); then
 			{
 				echo "install.sh: error: ipamd did not become ready within ${WAIT_SECS}s ($IPAMCTL --socket $SOCKET status)"

@@ -701,10 +701,12 @@ impl IpamAdmin for AdminService {
             .live_addresses()
             .await
             .map_err(|e| Status::internal(format!("listing ferry's host veths: {e}")))?;
-        let (added, adopted) = self
-            .ipam
-            .add_pool(pool, &live)
+        // Its own task: the request timeout must not drop it between a
+        // cluster claim and the commit (the claim would never be given back).
+        let ipam = self.ipam.clone();
+        let (added, adopted) = tokio::spawn(async move { ipam.add_pool(pool, &live).await })
             .await
+            .map_err(|e| Status::internal(format!("adding the pool: {e}")))?
             .map_err(|e| ipam_status(&e))?;
         if let Some(bh) = &self.blackholes {
             let blocks: BTreeSet<Ipv4Net> = adopted.iter().map(|a| a.block).collect();

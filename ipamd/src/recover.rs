@@ -171,13 +171,14 @@ pub fn last_rebuild(state_dir: &Path) -> Option<SystemTime> {
 /// Until when new addresses must wait after the last rebuild, and why:
 /// an address freed just before it may have been cooling down. None once
 /// `cooldown` has passed since (the name holds whole seconds: one more is
-/// added).
+/// added). A name in the future (the clock was ahead then) counts as now,
+/// so a corrected clock cannot stretch the hold.
 pub fn fresh_hold(
     state_dir: &Path,
     cooldown: std::time::Duration,
     now: SystemTime,
 ) -> Option<(SystemTime, String)> {
-    let rebuilt = last_rebuild(state_dir)?;
+    let rebuilt = last_rebuild(state_dir)?.min(now);
     let until = rebuilt + cooldown + std::time::Duration::from_secs(1);
     let secs = rebuilt
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -424,6 +425,11 @@ mod tests {
             fresh_hold(dir.path(), std::time::Duration::ZERO, at(1_001)),
             None
         );
+        // Renamed while the clock ran an hour ahead: held from now on, not
+        // until an hour from now.
+        std::fs::create_dir(dir.path().join("db.corrupt-4600")).unwrap();
+        let (until, _) = fresh_hold(dir.path(), cooldown, at(1_010)).unwrap();
+        assert_eq!(until, at(1_041));
     }
 
     #[test]
