@@ -896,6 +896,7 @@ mod tests {
                 container_id: "ctr1".into(),
                 ifname: "eth0".into(),
             }],
+            tolerated: Vec::new(),
         };
         let dp = FakeDataplane::new();
         gc(&req, &ipam, &dp).unwrap();

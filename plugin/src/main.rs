@@ -54,10 +54,13 @@ fn serve(error_version: &mut String) -> Result<Option<String>, CniError> {
 
     let container = std::env::var("CNI_CONTAINERID").unwrap_or_default();
     let _span = tracing::info_span!("cni", cmd = request.verb_name(), %container).entered();
-    if let cni::Request::Del(a) = &request {
-        for problem in &a.tolerated {
-            tracing::warn!("{problem}");
-        }
+    let tolerated = match &request {
+        cni::Request::Del(a) => a.tolerated.as_slice(),
+        cni::Request::Gc(g) => g.tolerated.as_slice(),
+        _ => &[],
+    };
+    for problem in tolerated {
+        tracing::warn!("{problem}");
     }
     cmd::execute(&request).inspect_err(|e| tracing::error!(code = e.code, "{e}"))
 }

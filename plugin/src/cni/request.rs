@@ -77,6 +77,8 @@ pub struct StatusRequest {
 pub struct GcRequest {
     pub conf: NetConf,
     pub valid: Vec<ValidAttachment>,
+    /// Bad values GC does not use, ignored: to be logged.
+    pub tolerated: Vec<String>,
 }
 
 impl Attachment {
@@ -208,8 +210,9 @@ pub fn parse(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Reque
     let mut tolerated = Vec::new();
     match conf.check_tunables() {
         Ok(()) => {}
-        // DEL must not wedge on values it does not use.
+        // Cleanup (DEL, GC) must not wedge on values it does not use.
         Err(e) if verb == Verb::Del => tolerated.push(format!("ignored on DEL: {e}")),
+        Err(e) if verb == Verb::Gc => tolerated.push(format!("ignored on GC: {e}")),
         Err(e) => return Err(e),
     }
 
@@ -238,7 +241,11 @@ pub fn parse(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Reque
                     "GC needs cni.dev/valid-attachments; refusing to release every address",
                 )
             })?;
-            return Ok(Request::Gc(GcRequest { conf, valid }));
+            return Ok(Request::Gc(GcRequest {
+                conf,
+                valid,
+                tolerated,
+            }));
         }
         _ => {}
     }
@@ -492,6 +499,15 @@ mod tests {
         };
         assert_eq!(a.tolerated.len(), 2, "{:?}", a.tolerated);
         assert!(a.tolerated[0].contains("mtu") && a.tolerated[1].contains("CNI_ARGS"));
+        let gc = br#"{"cniVersion":"1.1.0","name":"ferry","type":"ferry","mtu":10,"cni.dev/valid-attachments":[]}"#;
+        let Request::Gc(g) = parse(env(&with(ADD, "CNI_COMMAND", "GC")), gc).unwrap() else {
+            panic!("not GC")
+        };
+        assert!(
+            g.tolerated.len() == 1 && g.tolerated[0].contains("mtu"),
+            "{:?}",
+            g.tolerated
+        );
         // What DEL does need still fails it.
         let no_socket =
             br#"{"cniVersion":"1.0.0","name":"ferry","type":"ferry","ipamd":{"socket":"x"}}"#;
