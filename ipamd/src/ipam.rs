@@ -418,8 +418,6 @@ impl Ipam {
         a
     }
 
-    /// All allocations (sorted by IP) and the last activity per key, from
-    /// one moment, for reconcile.
     /// Every allocation (unordered) with its last Allocate or Check, if
     /// any. Under the lock only pointers and times are copied.
     pub fn allocations_with_activity(&self) -> Vec<(Arc<Allocation>, Option<i64>)> {

@@ -638,9 +638,9 @@ fn exhaustion_status_and_recovery() -> Result<()> {
     Ok(())
 }
 
-/// ipamd's `--gc-min-age` here: long enough for an ADD and the GC sent
-/// right after it, short enough to wait for.
-const GC_MIN_AGE_SECS: u64 = 3;
+/// ipamd's `--gc-min-age` here: long enough for four ADDs and the GC sent
+/// right after them on a slow machine, short enough to wait for.
+const GC_MIN_AGE_SECS: u64 = 6;
 
 #[test]
 fn gc_releases_what_is_not_valid_and_removes_its_veths() -> Result<()> {
@@ -658,6 +658,7 @@ fn gc_releases_what_is_not_valid_and_removes_its_veths() -> Result<()> {
     let none = json!({});
     let pods: Vec<Pod> = (0..3).map(|_| Pod::new()).collect::<Result<_>>()?;
     let mut ips = Vec::new();
+    let first_add = std::time::Instant::now();
     for pod in &pods {
         ips.push(add_ok(&w.rt, &list, &CniCall::add(pod), &none)?);
     }
@@ -675,6 +676,11 @@ fn gc_releases_what_is_not_valid_and_removes_its_veths() -> Result<()> {
     // A runtime that listed the valid attachments before these ADDs sends
     // GC now: the pods are younger than the grace and keep everything.
     gc()?;
+    let took = first_add.elapsed();
+    ensure!(
+        took < Duration::from_secs(GC_MIN_AGE_SECS),
+        "the ADDs and the GC took {took:?}, more than --gc-min-age: nothing to show"
+    );
     ensure!(
         w.ipamd.allocations()?.len() == 4,
         "GC right after ADD released a new pod: {:?}",

@@ -51,14 +51,14 @@ pub fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 
-/// Checks one pool on its own; overlap with other pools is checked by the
-/// allocator, which knows them.
 /// Longest pool or namespace name: a Kubernetes namespace is a DNS label.
 pub const MAX_NAME_LEN: usize = 63;
 
 /// Most namespaces (or allow-from pools) one pool may list.
 pub const MAX_NAMES: usize = 1024;
 
+/// Checks one pool on its own; overlap with other pools is checked by the
+/// allocator, which knows them.
 pub fn validate(spec: &PoolSpec) -> Result<(), String> {
     if spec.name.trim().is_empty() {
         return Err("pool name must not be empty".into());
