@@ -983,6 +983,29 @@ fn queued_value<'a>(
     queue.iter().rev().find_map(touches)
 }
 
+/// The value of `key` in `tree` (`stored`) as of every batch applied: what
+/// the queue last did to it, else what sled holds.
+fn current(
+    queue: &[Op],
+    tree: usize,
+    stored: &Tree,
+    key: &[u8],
+) -> Result<Option<Vec<u8>>, StoreError> {
+    let queued = queued_value(queue, |op| match op {
+        Op::Put {
+            tree: t,
+            key: k,
+            value,
+        } if *t == tree && k == key => Some(Some(value.as_slice())),
+        Op::Del { tree: t, key: k } if *t == tree && k == key => Some(None),
+        _ => None,
+    });
+    Ok(match queued {
+        Some(v) => v.map(<[u8]>::to_vec),
+        None => stored.get(key)?.map(|v| v.to_vec()),
+    })
+}
+
 impl Store for SledStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
         // Everything applied so far, as sled will hold it once flushed.
@@ -1028,37 +1051,12 @@ impl Store for SledStore {
         }
         for (pool, cidr) in &items.blocks {
             let k = block_key_bytes(pool, *cidr);
-            let v = match queued_value(&queue, |op| match op {
-                Op::Put {
-                    tree: BLOCKS,
-                    key,
-                    value,
-                } if *key == k => Some(Some(value.as_slice())),
-                Op::Del { tree: BLOCKS, key } if *key == k => Some(None),
-                _ => None,
-            }) {
-                Some(v) => v.map(<[u8]>::to_vec),
-                None => self.blocks.get(&k)?.map(|v| v.to_vec()),
-            };
-            if let Some(v) = v {
+            if let Some(v) = current(&queue, BLOCKS, &self.blocks, &k)? {
                 snap.blocks.push(decode_json(TREE_BLOCKS, &k, &v)?);
             }
         }
         for (ip, t) in cooling_at {
-            let k = cooling_key(t, ip);
-            let present = match queued_value(&queue, |op| match op {
-                Op::Put {
-                    tree: COOLING,
-                    key,
-                    value,
-                } if *key == k => Some(Some(value.as_slice())),
-                Op::Del { tree: COOLING, key } if *key == k => Some(None),
-                _ => None,
-            }) {
-                Some(v) => v.is_some(),
-                None => self.cooling.contains_key(k)?,
-            };
-            if present {
+            if current(&queue, COOLING, &self.cooling, &cooling_key(t, ip))?.is_some() {
                 snap.cooling.push((ip, t));
             }
         }
