@@ -722,9 +722,10 @@ impl Ipam {
     /// the same batch (`Store::probe`), and reported only if it still differs.
     pub async fn check_consistency(&self) -> Result<Vec<String>, IpamError> {
         // Allocate waits on this lock: copy pointers under it, no more.
-        let (mem, seq) = {
+        let ((allocations, blocks, cooling), seq) = {
             let st = self.lock();
-            (MemoryCopy::of(&st), self.store.last_seq())
+            let mem = (st.shared_allocations(), st.block_claims(), st.cooling());
+            (mem, self.store.last_seq())
         };
         // Fails only on a poisoned store, whose queued batches the probe
         // below still sees: compare anyway.
@@ -735,7 +736,7 @@ impl Ipam {
         // workers, which serve Allocate.
         let store = self.store.clone();
         let compared = tokio::task::spawn_blocking(move || {
-            let mem = Holdings::of_memory(mem);
+            let mem = Holdings::new(allocations, blocks, cooling);
             // One consistent state of memory: this needs no store.
             let mut out: Vec<String> = mem
                 .allocations
@@ -765,24 +766,6 @@ impl Ipam {
     }
 }
 
-/// Memory's state as taken under the allocator lock: pointers to the
-/// allocations, and the few blocks and cooling entries.
-struct MemoryCopy {
-    allocations: Vec<Arc<Allocation>>,
-    blocks: Vec<BlockClaim>,
-    cooling: Vec<(Ipv4Addr, i64)>,
-}
-
-impl MemoryCopy {
-    fn of(st: &Allocator) -> Self {
-        MemoryCopy {
-            allocations: st.shared_allocations(),
-            blocks: st.block_claims(),
-            cooling: st.cooling(),
-        }
-    }
-}
-
 /// What [`Ipam::check_consistency`] compares, as memory or the store holds it.
 #[derive(Debug, Default)]
 struct Holdings {
@@ -792,62 +775,45 @@ struct Holdings {
 }
 
 impl Holdings {
-    fn of_memory(m: MemoryCopy) -> Self {
+    fn new(
+        allocations: impl IntoIterator<Item = Arc<Allocation>>,
+        blocks: Vec<BlockClaim>,
+        cooling: Vec<(Ipv4Addr, i64)>,
+    ) -> Self {
         Holdings {
-            allocations: m
-                .allocations
+            allocations: allocations
                 .into_iter()
                 .map(|a| (a.key.clone(), a))
                 .collect(),
-            blocks: m
-                .blocks
+            blocks: blocks
                 .into_iter()
                 .map(|b| ((b.pool.clone(), b.cidr), b))
                 .collect(),
-            cooling: m.cooling.into_iter().collect(),
+            cooling: cooling.into_iter().collect(),
         }
     }
 
     /// Memory's view of just the probed items.
     fn of_memory_items(st: &Allocator, p: &Probe) -> Self {
         let wanted: BTreeSet<Ipv4Addr> = p.cooling.iter().copied().collect();
-        Holdings {
-            allocations: p
-                .allocations
-                .iter()
-                .filter_map(|k| st.get_shared(k).map(|a| (k.clone(), a)))
-                .collect(),
-            blocks: st
-                .block_claims()
-                .into_iter()
-                .map(|b| ((b.pool.clone(), b.cidr), b))
-                .filter(|(k, _)| p.blocks.contains(k))
-                .collect(),
-            cooling: if wanted.is_empty() {
-                BTreeMap::new()
-            } else {
-                st.cooling()
-                    .into_iter()
-                    .filter(|(ip, _)| wanted.contains(ip))
-                    .collect()
-            },
-        }
+        let cooling = if wanted.is_empty() {
+            Vec::new()
+        } else {
+            let mut all = st.cooling();
+            all.retain(|(ip, _)| wanted.contains(ip));
+            all
+        };
+        let mut blocks = st.block_claims();
+        blocks.retain(|b| p.blocks.contains(&(b.pool.clone(), b.cidr)));
+        Holdings::new(
+            p.allocations.iter().filter_map(|k| st.get_shared(k)),
+            blocks,
+            cooling,
+        )
     }
 
     fn of_snapshot(s: Snapshot) -> Self {
-        Holdings {
-            allocations: s
-                .allocations
-                .into_iter()
-                .map(|a| (a.key.clone(), Arc::new(a)))
-                .collect(),
-            blocks: s
-                .blocks
-                .into_iter()
-                .map(|b| ((b.pool.clone(), b.cidr), b))
-                .collect(),
-            cooling: s.cooling.into_iter().collect(),
-        }
+        Holdings::new(s.allocations.into_iter().map(Arc::new), s.blocks, s.cooling)
     }
 
     /// The items that differ between the two, to look at again.
