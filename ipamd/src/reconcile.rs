@@ -355,14 +355,8 @@ impl Reconciler {
     /// dump and the core's (short) lock runs off the async workers, which
     /// serve Allocate.
     async fn snapshot(&self) -> Result<Snapshot, ReconcileError> {
-        let links = self.links.fry_links().await?;
-        let link_addresses = self
-            .links
-            .veth_addresses()
-            .await?
-            .into_iter()
-            .map(|v| (v.link, v.ip))
-            .collect();
+        let (links, addresses) = self.links.fry_links_and_addresses().await?;
+        let link_addresses = addresses.into_iter().map(|v| (v.link, v.ip)).collect();
         let pool_cidrs = self.ipam.pool_specs().iter().map(|p| p.cidr).collect();
         let with_activity = self.ipam.allocations_with_activity();
         let owned_blocks = self.ipam.owned_blocks();

@@ -68,7 +68,15 @@ pub trait HostLinks: Send + Sync {
     fn delete_link<'a>(&'a self, link: &'a HostLink) -> BoxFuture<'a, Result<bool, NodeError>>;
     /// The /32 of each of ferry's host veths (the pod addresses in use).
     fn veth_addresses(&self) -> BoxFuture<'_, Result<Vec<scan::VethAddress>, NodeError>>;
+    /// Both of the above, at one moment; an implementation may share the
+    /// links dump.
+    fn fry_links_and_addresses(&self) -> BoxFuture<'_, Result<LinksAndAddresses, NodeError>> {
+        Box::pin(async move { Ok((self.fry_links().await?, self.veth_addresses().await?)) })
+    }
 }
+
+/// ferry's host veths, and the /32 each routes.
+pub type LinksAndAddresses = (Vec<HostLink>, Vec<scan::VethAddress>);
 
 /// Blackhole routes for owned blocks, marked with [`ROUTE_PROTOCOL`].
 pub trait BlockRoutes: Send + Sync {

@@ -15,7 +15,10 @@ use netlink_packet_route::route::{
 use rtnetlink::{Handle, RouteMessageBuilder};
 
 use super::scan::{self, VethAddress};
-use super::{BlockRoutes, HostLink, HostLinks, LinkInfo, NodeError, ROUTE_PROTOCOL, underlay_mtu};
+use super::{
+    BlockRoutes, HostLink, HostLinks, LinkInfo, LinksAndAddresses, NodeError, ROUTE_PROTOCOL,
+    underlay_mtu,
+};
 use crate::store::BoxFuture;
 
 const EEXIST: i32 = libc::EEXIST;
@@ -168,6 +171,18 @@ fn errno(e: &rtnetlink::Error) -> Option<i32> {
     }
 }
 
+fn ferry_veths(links: &[LinkMessage]) -> Vec<HostLink> {
+    links
+        .iter()
+        .map(link_info)
+        .filter(LinkInfo::is_ferry_veth)
+        .map(|l| HostLink {
+            name: l.name,
+            index: l.index,
+        })
+        .collect()
+}
+
 impl HostLinks for NodeNet {
     fn veth_addresses(&self) -> BoxFuture<'_, Result<Vec<VethAddress>, NodeError>> {
         Box::pin(async move {
@@ -178,18 +193,14 @@ impl HostLinks for NodeNet {
     }
 
     fn fry_links(&self) -> BoxFuture<'_, Result<Vec<HostLink>, NodeError>> {
+        Box::pin(async move { Ok(ferry_veths(&self.links().await?)) })
+    }
+
+    fn fry_links_and_addresses(&self) -> BoxFuture<'_, Result<LinksAndAddresses, NodeError>> {
         Box::pin(async move {
-            Ok(self
-                .links()
-                .await?
-                .iter()
-                .map(link_info)
-                .filter(LinkInfo::is_ferry_veth)
-                .map(|l| HostLink {
-                    name: l.name,
-                    index: l.index,
-                })
-                .collect())
+            let links = self.links().await?;
+            let routes = self.ipv4_routes().await?;
+            Ok((ferry_veths(&links), scan::pair(&links, &routes)))
         })
     }
 
