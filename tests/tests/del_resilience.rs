@@ -16,6 +16,22 @@ fn add(rt: &Runtime, list: &Value, pod: &Pod) -> Result<Ipv4Addr> {
     out.ips().first().copied().context("ADD returned no IP")
 }
 
+/// A veth named like ferry's, with no pod or allocation behind it: what a
+/// crash between a DEL's release and its veth delete leaves.
+fn add_orphan_veth(ns: &Netns, name: &str) -> Result<()> {
+    ns.ip(&[
+        "link",
+        "add",
+        name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "orphanpeer",
+    ])?;
+    Ok(())
+}
+
 #[test]
 fn del_with_empty_or_vanished_netns_frees_everything() -> Result<()> {
     require_root();
@@ -197,16 +213,7 @@ fn ipamctl_gc_cleans_up_after_pods_gone_without_del() -> Result<()> {
         Ok((!node.ns.ferry_links()?.contains(&lost_veth)).then_some(()))
     })?;
     // And a host veth of ours that nothing holds.
-    node.ns.ip(&[
-        "link",
-        "add",
-        "fry0dead00beef",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "orphanpeer",
-    ])?;
+    add_orphan_veth(&node.ns, "fry0dead00beef")?;
 
     let actions = |v: &Value, field: &str| -> Vec<String> {
         v.as_array()
@@ -295,16 +302,7 @@ fn reconcile_and_gc_leave_links_that_only_look_like_ferrys_alone() -> Result<()>
         "otherpeer",
     ])?;
     let orphan = "fry0dead00beef";
-    node.ns.ip(&[
-        "link",
-        "add",
-        orphan,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "orphanpeer",
-    ])?;
+    add_orphan_veth(&node.ns, orphan)?;
 
     wait_until(
         "reconcile to delete the orphan veth",
