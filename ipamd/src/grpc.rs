@@ -3,14 +3,12 @@
 //! owns the wire: version checks, request validation, model <-> proto
 //! conversion, and the one mapping from [`IpamError`] to a gRPC status.
 
-use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use ferry_proto::v1 as pb;
 use ferry_proto::v1::ipam_admin_server::IpamAdmin;
 use ferry_proto::v1::ipam_server::Ipam as IpamRpc;
-use ipnet::Ipv4Net;
 use tonic::{Code, Request, Response, Status};
 
 use crate::alloc::pool;
@@ -21,7 +19,7 @@ use crate::model::{
     AddressState, AllocKey, AllocateParams, Allocation, AllocationFilter, BlockUsage, Finding,
     PodMeta, PoolSpec, PoolUsage, Readiness,
 };
-use crate::node::{Blackholes, HostLink, Unplugger};
+use crate::node::{HostLink, Unplugger};
 use crate::reconcile::{ReconcileError, Reconciler};
 
 /// The one place an [`IpamError`] becomes a gRPC status. The plugin picks
@@ -305,7 +303,6 @@ pub struct IpamService {
     ipam: Arc<Ipam>,
     /// The pod MTU handed out on every Allocate (the core does not know it).
     mtu: u32,
-    blackholes: Option<Arc<Blackholes>>,
     state_dir: String,
     started_unix_ms: i64,
     unplugger: Option<Unplugger>,
@@ -318,17 +315,10 @@ impl IpamService {
         self
     }
 
-    pub fn new(
-        ipam: Arc<Ipam>,
-        mtu: u32,
-        blackholes: Option<Arc<Blackholes>>,
-        state_dir: String,
-        started_unix_ms: i64,
-    ) -> Self {
+    pub fn new(ipam: Arc<Ipam>, mtu: u32, state_dir: String, started_unix_ms: i64) -> Self {
         IpamService {
             ipam,
             mtu,
-            blackholes,
             state_dir,
             started_unix_ms,
             unplugger: None,
@@ -363,13 +353,6 @@ impl IpamRpc for IpamService {
             tracing::warn!(error = %e, "allocate failed");
             ipam_status(&e)
         })?;
-        if let Some(bh) = &self.blackholes {
-            // The pod is reachable without it; the blackhole only stops
-            // loops to free addresses, and the next sync retries.
-            if let Err(e) = bh.ensure(a.block).await {
-                tracing::warn!(block = %a.block, error = %e, "cannot add blackhole route");
-            }
-        }
         Ok(Response::new(pb::AllocateResponse {
             addresses: vec![format!("{}/32", a.ip)],
             gateway: ferry_proto::POD_GATEWAY.to_string(),
@@ -490,22 +473,11 @@ impl IpamRpc for IpamService {
 pub struct AdminService {
     ipam: Arc<Ipam>,
     reconciler: Arc<Reconciler>,
-    blackholes: Option<Arc<Blackholes>>,
 }
 
 impl AdminService {
     pub fn new(ipam: Arc<Ipam>, reconciler: Arc<Reconciler>) -> Self {
-        AdminService {
-            ipam,
-            reconciler,
-            blackholes: None,
-        }
-    }
-
-    /// Blocks claimed to adopt live addresses get their blackhole at once.
-    pub fn with_blackholes(mut self, blackholes: Arc<Blackholes>) -> Self {
-        self.blackholes = Some(blackholes);
-        self
+        AdminService { ipam, reconciler }
     }
 
     /// A container-ID prefix must name one container: ForceRelease must not
@@ -704,19 +676,10 @@ impl IpamAdmin for AdminService {
         // Its own task: the request timeout must not drop it between a
         // cluster claim and the commit (the claim would never be given back).
         let ipam = self.ipam.clone();
-        let (added, adopted) = tokio::spawn(async move { ipam.add_pool(pool, &live).await })
+        let (added, _adopted) = tokio::spawn(async move { ipam.add_pool(pool, &live).await })
             .await
             .map_err(|e| Status::internal(format!("adding the pool: {e}")))?
             .map_err(|e| ipam_status(&e))?;
-        if let Some(bh) = &self.blackholes {
-            let blocks: BTreeSet<Ipv4Net> = adopted.iter().map(|a| a.block).collect();
-            for block in blocks {
-                // As in Allocate: the next sync retries.
-                if let Err(e) = bh.ensure(block).await {
-                    tracing::warn!(%block, error = %e, "cannot add blackhole route");
-                }
-            }
-        }
         Ok(Response::new(pb::AddPoolResponse {
             pool: Some(pool_to_pb(&added)),
         }))
@@ -943,7 +906,6 @@ mod tests {
     ) -> (IpamService, AdminService, Arc<crate::node::fake::FakeHost>) {
         use crate::cluster::local::LocalCluster;
         use crate::ipam::IpamOptions;
-        use crate::reconcile::SystemClock;
         use std::time::Duration;
 
         let ipam = Arc::new(
@@ -956,15 +918,13 @@ mod tests {
             .unwrap(),
         );
         let host = Arc::new(crate::node::fake::FakeHost::default());
-        let bh = Arc::new(Blackholes::new(host.clone()));
         let rec = Arc::new(Reconciler::new(
             ipam.clone(),
             host.clone(),
-            Arc::new(SystemClock),
             Duration::from_secs(300),
         ));
         (
-            IpamService::new(ipam.clone(), 1480, Some(bh), "/state".into(), 1)
+            IpamService::new(ipam.clone(), 1480, "/state".into(), 1)
                 .with_unplugger(Unplugger::start(host.clone())),
             AdminService::new(ipam, rec),
             host,
@@ -1080,7 +1040,7 @@ mod tests {
 
     #[tokio::test]
     async fn services_over_a_real_core() {
-        let (svc, admin, host) = services().await;
+        let (svc, admin, _host) = services().await;
         let v = ferry_proto::CLIENT_VERSION.to_string();
         let resp = svc
             .allocate(Request::new(pb::AllocateRequest {
@@ -1094,8 +1054,6 @@ mod tests {
         assert_eq!(resp.mtu, 1480);
         assert_eq!(resp.gateway, "169.254.1.1");
         assert!(resp.addresses[0].ends_with("/32"));
-        // The block got its blackhole route.
-        assert_eq!(host.routes.lock().unwrap().len(), 1);
         svc.allocate(Request::new(pb::AllocateRequest {
             client_version: v.clone(),
             key: key("aaaa2"),

@@ -115,7 +115,7 @@ pub async fn open_store(
             source,
         })?;
     let now = SystemTime::now();
-    let now_ms = crate::reconcile::unix_ms(now);
+    let now_ms = crate::clock::unix_ms(now);
     let mut plan = plan_adoption(&opts.pools, &opts.node, &live, now_ms);
     // Claimed first: a block another node owns is not ours to fill.
     let mut refused: HashSet<Ipv4Net> = HashSet::new();

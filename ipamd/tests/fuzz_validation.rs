@@ -28,7 +28,7 @@ use ipamd::ipam::{Ipam, IpamOptions};
 use ipamd::model::PoolSpec;
 use ipamd::node::scan::VethAddress;
 use ipamd::node::{BlockRoutes, HostLink, HostLinks, NodeError};
-use ipamd::reconcile::{Reconciler, SystemClock};
+use ipamd::reconcile::Reconciler;
 use ipamd::store::BoxFuture;
 use ipamd::store::memory::MemoryStore;
 use ipnet::Ipv4Net;
@@ -118,15 +118,13 @@ impl World {
                     .unwrap(),
             );
             let host = Arc::new(NoHost::default());
-            let bh = Arc::new(ipamd::node::Blackholes::new(host.clone()));
             let rec = Arc::new(Reconciler::new(
                 ipam.clone(),
                 host,
-                Arc::new(SystemClock),
                 Duration::from_secs(300),
             ));
             (
-                IpamService::new(ipam.clone(), 1480, Some(bh), "/state".into(), 1),
+                IpamService::new(ipam.clone(), 1480, "/state".into(), 1),
                 AdminService::new(ipam.clone(), rec),
                 ipam,
             )

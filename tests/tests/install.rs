@@ -423,10 +423,11 @@ fn install_then_uninstall() -> Result<()> {
     ensure!(out.success(), "ADD of the running pod: {out}");
     let running_ip = out.ips()[0].to_string();
     let veth = running.host_veth();
-    ensure!(
-        !w.blackholes()?.trim().is_empty(),
-        "ipamd added no blackhole route for its block"
-    );
+    wait_until(
+        "ipamd to add a blackhole route for its block",
+        Duration::from_secs(5),
+        || Ok((!w.blackholes()?.trim().is_empty()).then_some(())),
+    )?;
 
     // Uninstall, keeping state.
     let said = w.run(&["--uninstall"])?;

@@ -119,19 +119,29 @@ fn a_rebuilt_database_hands_out_no_live_or_cooling_address() -> Result<()> {
             pod.host_veth()
         );
     }
-    // Their blocks got a blackhole at once, as a claim at Allocate does.
-    let blackholes: Vec<ipnet::Ipv4Net> = node
-        .ns
-        .ip(&["-4", "route", "show", "proto", "102", "type", "blackhole"])?
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .collect();
-    for ip in live_ips {
-        ensure!(
-            blackholes.iter().any(|b| b.contains(ip)),
-            "no blackhole route covers the adopted {ip}: {blackholes:?}"
-        );
-    }
+    // Their blocks get a blackhole, as a claim at Allocate does: the route
+    // reconciler follows the core's blocks, so poll briefly.
+    wait_until(
+        "a blackhole route to cover every adopted address",
+        std::time::Duration::from_secs(5),
+        || {
+            let blackholes: Vec<ipnet::Ipv4Net> = node
+                .ns
+                .ip(&["-4", "route", "show", "proto", "102", "type", "blackhole"])?
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+                .collect();
+            let uncovered: Vec<_> = live_ips
+                .iter()
+                .filter(|ip| !blackholes.iter().any(|b| b.contains(*ip)))
+                .collect();
+            ensure!(
+                uncovered.is_empty(),
+                "no blackhole route covers the adopted {uncovered:?}: {blackholes:?}"
+            );
+            Ok(Some(()))
+        },
+    )?;
 
     wait_until(
         "STATUS to succeed once the cooldown has passed",

@@ -6,21 +6,20 @@
 //! their logic runs in unit tests without netlink; [`NodeNet`] is the real
 //! implementation.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use ipnet::Ipv4Net;
-use tokio::sync::Mutex;
 
 use crate::store::BoxFuture;
 
 mod netlink;
+mod routes;
 pub mod scan;
 mod sysctl;
 mod unplug;
 
 pub use netlink::NodeNet;
+pub use routes::RouteReconciler;
 pub use sysctl::{IP_FORWARD, ensure_ip_forward};
 pub use unplug::Unplugger;
 
@@ -88,73 +87,6 @@ pub trait BlockRoutes: Send + Sync {
     fn blackholes(&self) -> BoxFuture<'_, Result<Vec<Ipv4Net>, NodeError>>;
 }
 
-/// Keeps one blackhole route per owned block. `ensure` is cheap on the
-/// allocation path (a set lookup once the block is known); `sync` converges
-/// on the full set after blocks were given back, and repairs drift.
-pub struct Blackholes {
-    routes: Arc<dyn BlockRoutes>,
-    known: Mutex<BTreeSet<Ipv4Net>>,
-}
-
-impl Blackholes {
-    pub fn new(routes: Arc<dyn BlockRoutes>) -> Self {
-        Blackholes {
-            routes,
-            known: Mutex::new(BTreeSet::new()),
-        }
-    }
-
-    /// Makes sure `block` has its route; called after each allocation since
-    /// the allocation may have claimed a new block.
-    pub async fn ensure(&self, block: Ipv4Net) -> Result<(), NodeError> {
-        let mut known = self.known.lock().await;
-        if known.contains(&block) {
-            return Ok(());
-        }
-        self.routes.add_blackhole(block).await?;
-        tracing::info!(%block, "added blackhole route for owned block");
-        known.insert(block);
-        Ok(())
-    }
-
-    /// Converges the routes on `owned()`. The closure runs under the lock so
-    /// that a block claimed concurrently is either in the snapshot or added
-    /// by its own `ensure` afterwards, never removed by a stale snapshot.
-    pub async fn sync(&self, owned: impl FnOnce() -> Vec<Ipv4Net>) -> Result<(), NodeError> {
-        let mut known = self.known.lock().await;
-        let want: BTreeSet<Ipv4Net> = owned().into_iter().collect();
-        let have: BTreeSet<Ipv4Net> = self.routes.blackholes().await?.into_iter().collect();
-        // Try every change, report the first failure: one bad route must not
-        // keep the others from converging.
-        let mut first_err = None;
-        for block in want.difference(&have) {
-            match self.routes.add_blackhole(*block).await {
-                Ok(()) => tracing::info!(%block, "added blackhole route for owned block"),
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                }
-            }
-        }
-        for block in have.difference(&want) {
-            match self.routes.remove_blackhole(*block).await {
-                Ok(()) => tracing::info!(%block, "removed blackhole route of released block"),
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                }
-            }
-        }
-        *known = want;
-        match first_err {
-            Some(e) => {
-                // Forget what we know so the next ensure/sync retries.
-                known.clear();
-                Err(e)
-            }
-            None => Ok(()),
-        }
-    }
-}
-
 /// One interface as the MTU detection sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkInfo {
@@ -195,7 +127,7 @@ pub fn pod_mtu(underlay: u32) -> u32 {
     underlay.saturating_sub(IPIP_OVERHEAD)
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "test-util"))]
 pub mod fake {
     //! In-memory stand-ins for the host, for unit tests.
 
@@ -316,34 +248,5 @@ mod tests {
         assert_eq!(underlay_mtu(&links[..1], None), 1500);
         assert_eq!(underlay_mtu(&[], None), 1500);
         assert_eq!(pod_mtu(1500), 1480);
-    }
-
-    #[tokio::test]
-    async fn blackholes_sync_and_ensure() {
-        let host = Arc::new(fake::FakeHost::default());
-        let a: Ipv4Net = "10.244.0.0/26".parse().unwrap();
-        let b: Ipv4Net = "10.244.0.64/26".parse().unwrap();
-        let stale: Ipv4Net = "10.244.9.0/26".parse().unwrap();
-        host.routes.lock().unwrap().insert(stale);
-        let bh = Blackholes::new(host.clone());
-        bh.sync(|| vec![a]).await.unwrap();
-        assert_eq!(
-            host.routes
-                .lock()
-                .unwrap()
-                .iter()
-                .copied()
-                .collect::<Vec<_>>(),
-            vec![a]
-        );
-        host.route_ops.lock().unwrap().clear();
-        // Known block: no netlink traffic.
-        bh.ensure(a).await.unwrap();
-        assert!(host.route_ops.lock().unwrap().is_empty());
-        bh.ensure(b).await.unwrap();
-        assert_eq!(*host.route_ops.lock().unwrap(), vec![format!("add {b}")]);
-        // b given back.
-        bh.sync(|| vec![a]).await.unwrap();
-        assert!(!host.routes.lock().unwrap().contains(&b));
     }
 }

@@ -1,0 +1,97 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use tokio::sync::watch;
+
+use super::RouteReconciler;
+use crate::model::BlockClaim;
+use crate::node::fake::FakeHost;
+
+fn claim(cidr: &str) -> BlockClaim {
+    BlockClaim {
+        pool: "default".into(),
+        cidr: cidr.parse().unwrap(),
+        node: "n1".into(),
+        claimed_unix_ms: 0,
+    }
+}
+
+fn routes(host: &FakeHost) -> Vec<Ipv4Net> {
+    host.routes.lock().unwrap().iter().copied().collect()
+}
+
+#[tokio::test]
+async fn sync_repairs_and_converge_touches_only_changes() {
+    let host = Arc::new(FakeHost::default());
+    let (a, b) = (claim("10.244.0.0/26"), claim("10.244.0.64/26"));
+    let stale: Ipv4Net = "10.244.9.0/26".parse().unwrap();
+    host.routes.lock().unwrap().insert(stale);
+    let mut rr = RouteReconciler::new(host.clone());
+    rr.sync(std::slice::from_ref(&a)).await.unwrap();
+    assert_eq!(
+        routes(&host),
+        vec![a.cidr],
+        "stale route removed, owned added"
+    );
+
+    host.route_ops.lock().unwrap().clear();
+    rr.converge(std::slice::from_ref(&a)).await.unwrap();
+    assert!(
+        host.route_ops.lock().unwrap().is_empty(),
+        "no change, no netlink"
+    );
+    rr.converge(&[a.clone(), b.clone()]).await.unwrap();
+    assert_eq!(
+        *host.route_ops.lock().unwrap(),
+        vec![format!("add {}", b.cidr)]
+    );
+    rr.converge(std::slice::from_ref(&a)).await.unwrap();
+    assert_eq!(
+        routes(&host),
+        vec![a.cidr],
+        "a given-back block loses its route"
+    );
+
+    // Someone deletes our route: the next full sync puts it back.
+    host.routes.lock().unwrap().clear();
+    rr.sync(std::slice::from_ref(&a)).await.unwrap();
+    assert_eq!(routes(&host), vec![a.cidr]);
+}
+
+#[tokio::test]
+async fn the_task_follows_every_publication_until_stopped() {
+    let host = Arc::new(FakeHost::default());
+    let (tx, rx) = watch::channel(vec![claim("10.244.0.0/26")]);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(RouteReconciler::new(host.clone()).run(
+        rx,
+        Duration::from_secs(3600),
+        stop_rx,
+    ));
+    let wait_for = |want: Vec<Ipv4Net>| {
+        let host = host.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while routes(&host) != want {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("routes {:?}, want {want:?}", routes(&host)));
+        }
+    };
+    tx.send_replace(vec![claim("10.244.0.0/26"), claim("10.244.0.64/26")]);
+    wait_for(vec![
+        "10.244.0.0/26".parse().unwrap(),
+        "10.244.0.64/26".parse().unwrap(),
+    ])
+    .await;
+    tx.send_replace(vec![]);
+    wait_for(vec![]).await;
+    stop_tx.send_replace(true);
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the task stops when told")
+        .unwrap();
+}
