@@ -28,7 +28,7 @@ use crate::model::{
     PoolSpec, PoolUsage, Readiness,
 };
 use crate::node::scan::VethAddress;
-use crate::recover;
+use crate::store::recover;
 use crate::store::{Mutation, Probe, Seq, Snapshot, Store, StoreError};
 
 /// Claim rounds per allocate before giving up: each round claims a block and

@@ -20,7 +20,7 @@ use ipamd::ipam::Ipam;
 use ipamd::metrics::{self, Metrics};
 use ipamd::node::{self, Blackholes, NodeNet};
 use ipamd::reconcile::{Reconciler, SystemClock, unix_ms};
-use ipamd::recover;
+use ipamd::store::recover;
 use nix::sys::stat::{Mode, umask};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};

@@ -10,6 +10,7 @@ use ipnet::Ipv4Net;
 use crate::model::{AllocKey, Allocation, BlockClaim, PoolSpec};
 
 pub mod memory;
+pub mod recover;
 pub mod sled;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
