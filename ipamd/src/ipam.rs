@@ -886,14 +886,16 @@ mod tests {
     use std::collections::HashSet;
     use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
+    use futures::future::BoxFuture;
+
     use super::*;
     use crate::cluster::ClusterError;
     use crate::cluster::local::LocalCluster;
     use crate::model::{AddressState, PodMeta};
     use crate::node::scan::VethAddress;
+    use crate::store::StoreError;
     use crate::store::memory::MemoryStore;
     use crate::store::sled::SledStore;
-    use crate::store::{BoxFuture, StoreError};
 
     const COOLDOWN_MS: i64 = 30_000;
 

@@ -575,6 +575,8 @@ impl Reconciler {
 
 #[cfg(test)]
 mod tests {
+    use futures::future::BoxFuture;
+
     use super::*;
     use crate::model::PodMeta;
 
@@ -1122,7 +1124,7 @@ mod tests {
     }
 
     impl HostLinks for RacingHost {
-        fn fry_links(&self) -> crate::store::BoxFuture<'_, Result<Vec<HostLink>, NodeError>> {
+        fn fry_links(&self) -> BoxFuture<'_, Result<Vec<HostLink>, NodeError>> {
             let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
             Box::pin(async move {
                 if n == self.call {
@@ -1134,12 +1136,10 @@ mod tests {
         fn delete_link<'a>(
             &'a self,
             _link: &'a HostLink,
-        ) -> crate::store::BoxFuture<'a, Result<bool, NodeError>> {
+        ) -> BoxFuture<'a, Result<bool, NodeError>> {
             Box::pin(async { Ok(false) })
         }
-        fn veth_addresses(
-            &self,
-        ) -> crate::store::BoxFuture<'_, Result<Vec<VethAddress>, NodeError>> {
+        fn veth_addresses(&self) -> BoxFuture<'_, Result<Vec<VethAddress>, NodeError>> {
             Box::pin(async { Ok(Vec::new()) })
         }
     }

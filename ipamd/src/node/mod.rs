@@ -10,10 +10,9 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
 use ipnet::Ipv4Net;
 use tokio::sync::Mutex;
-
-use crate::store::BoxFuture;
 
 mod netlink;
 pub mod scan;
@@ -202,10 +201,10 @@ pub mod fake {
     use std::collections::BTreeSet;
     use std::sync::Mutex;
 
+    use futures::future::BoxFuture;
     use ipnet::Ipv4Net;
 
     use super::{BlockRoutes, HostLink, HostLinks, NodeError};
-    use crate::store::BoxFuture;
 
     #[derive(Default)]
     pub struct FakeHost {

@@ -3,8 +3,8 @@
 //! requests share one flush (group commit).
 
 use std::net::Ipv4Addr;
-use std::pin::Pin;
 
+use futures::future::BoxFuture;
 use ipnet::Ipv4Net;
 
 use crate::model::{AllocKey, Allocation, BlockClaim, PoolSpec};
@@ -12,8 +12,6 @@ use crate::model::{AllocKey, Allocation, BlockClaim, PoolSpec};
 pub mod memory;
 pub mod recover;
 pub mod sled;
-
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A position in the store's write order. Durable(seq) covers every batch
 /// applied at or before seq.

@@ -41,10 +41,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use ::sled::transaction::{ConflictableTransactionError, TransactionError};
 use ::sled::{Transactional, Tree};
+use futures::future::BoxFuture;
 use tokio::sync::watch;
 use tracing::{debug, error, warn};
 
-use super::{BoxFuture, Mutation, Probe, Seq, Snapshot, Store, StoreError};
+use super::{Mutation, Probe, Seq, Snapshot, Store, StoreError};
 use crate::model::{AllocKey, Allocation, BlockClaim, PoolSpec};
 
 const TREE_POOLS: &str = "pools";
