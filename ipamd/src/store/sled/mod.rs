@@ -20,7 +20,7 @@ use futures::future::BoxFuture;
 use tokio::sync::watch;
 use tracing::error;
 
-use super::{Mutation, Probe, Seq, Snapshot, Store, StoreError};
+use super::{Mutation, Probe, Seq, Snapshot, Store, StoreError, io_is_damage};
 use crate::model::{AllocKey, Allocation};
 use bound::{
     BoundAdvancer, BoundPolicy, check_bound, move_bound_into, read_flush_bound, read_flushes,
@@ -80,6 +80,26 @@ impl std::fmt::Debug for SledStore {
             .field("dir", &self.dir)
             .field("last_seq", &self.last_seq.load(Ordering::SeqCst))
             .finish_non_exhaustive()
+    }
+}
+
+/// The one place a sled error becomes a [`StoreError`], judged here for
+/// damage: sled's own corruption, bug and unsupported-format reports are,
+/// and so is I/O that read back something other than was written.
+impl From<::sled::Error> for StoreError {
+    fn from(e: ::sled::Error) -> StoreError {
+        let damage = match &e {
+            ::sled::Error::Corruption { .. }
+            | ::sled::Error::ReportableBug(_)
+            | ::sled::Error::Unsupported(_) => true,
+            ::sled::Error::Io(io) => io_is_damage(io),
+            _ => false,
+        };
+        StoreError::Backend {
+            backend: "sled",
+            damage,
+            source: Box::new(e),
+        }
     }
 }
 

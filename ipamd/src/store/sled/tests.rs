@@ -461,6 +461,36 @@ fn garbage_conf_is_damage_and_other_errors_are_not() {
     assert!(!StoreError::Closed.is_damage());
 }
 
+/// Each kind of sled error reads as before ("sled: ..."), keeps sled's
+/// error as its source, and is damage exactly when it says the database is.
+#[test]
+fn sled_errors_keep_their_text_and_damage() {
+    use std::io::{Error, ErrorKind};
+    let cases: [(::sled::Error, bool); 7] = [
+        (::sled::Error::Corruption { at: None, bt: () }, true),
+        (::sled::Error::ReportableBug("bug".into()), true),
+        (::sled::Error::Unsupported("format".into()), true),
+        (
+            ::sled::Error::Io(Error::from(ErrorKind::UnexpectedEof)),
+            true,
+        ),
+        (::sled::Error::Io(Error::from(ErrorKind::InvalidData)), true),
+        (
+            ::sled::Error::Io(Error::from(ErrorKind::PermissionDenied)),
+            false,
+        ),
+        (::sled::Error::CollectionNotFound("tree".into()), false),
+    ];
+    for (sled_error, damage) in cases {
+        let text = format!("sled: {sled_error}");
+        let e = StoreError::from(sled_error);
+        assert_eq!(e.to_string(), text);
+        assert_eq!(e.is_damage(), damage, "{e}");
+        let source = std::error::Error::source(&e).expect("sled's error is the source");
+        assert!(source.is::<::sled::Error>(), "{e}");
+    }
+}
+
 #[test]
 fn notice_is_kept_until_dropped() {
     let dir = tempfile::tempdir().unwrap();
