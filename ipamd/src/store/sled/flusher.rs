@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, SystemTime};
 
@@ -44,7 +44,9 @@ pub(super) struct Flusher {
     /// `meta/flushes` as last written.
     pub(super) flushes: u64,
     pub(super) last_seq: Arc<AtomicU64>,
-    pub(super) fail_next: Arc<AtomicBool>,
+    /// See `SledStore::fail_next_flush`.
+    #[cfg(test)]
+    pub(super) fail_next: Arc<std::sync::atomic::AtomicBool>,
     pub(super) log: File,
     pub(super) log_path: PathBuf,
     pub(super) blobs: PathBuf,
@@ -88,6 +90,7 @@ impl Flusher {
     }
 
     fn flush(&mut self) -> Result<(), String> {
+        #[cfg(test)]
         if self.fail_next.swap(false, Ordering::SeqCst) {
             return Err(format!(
                 "fdatasync {}: injected failure",

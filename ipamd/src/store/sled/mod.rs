@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::SystemTime;
@@ -67,8 +67,8 @@ pub struct SledStore {
     wake: Option<mpsc::Sender<()>>,
     flusher: Option<JoinHandle<()>>,
     /// Tests set it to make the next flush fail as a failed fdatasync would.
-    #[cfg_attr(not(test), allow(dead_code))]
-    fail_next_flush: Arc<AtomicBool>,
+    #[cfg(test)]
+    fail_next_flush: Arc<std::sync::atomic::AtomicBool>,
     /// Set by recovery: what happened to the previous database, reported
     /// in the readiness reason until restart.
     notice: Mutex<Option<String>>,
@@ -181,13 +181,15 @@ impl SledStore {
         let last_seq = Arc::new(AtomicU64::new(0));
         let (state_tx, state_rx) = watch::channel(FlushState::default());
         let (wake_tx, wake_rx) = mpsc::channel();
-        let fail_next_flush = Arc::new(AtomicBool::new(false));
+        #[cfg(test)]
+        let fail_next_flush = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flusher = Flusher {
             shared: shared.clone(),
             db: db.clone(),
             meta: meta.clone(),
             flushes,
             last_seq: last_seq.clone(),
+            #[cfg(test)]
             fail_next: fail_next_flush.clone(),
             log,
             log_path,
@@ -217,6 +219,7 @@ impl SledStore {
             flushed: state_rx,
             wake: Some(wake_tx),
             flusher: Some(flusher),
+            #[cfg(test)]
             fail_next_flush,
             notice: Mutex::new(None),
         })
