@@ -29,5 +29,4 @@ pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod reconcile;
-pub mod recover;
 pub mod store;

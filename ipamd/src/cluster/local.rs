@@ -1,10 +1,10 @@
 //! One node, no coordination: every block of every pool is this node's to claim.
 
+use futures::future::BoxFuture;
 use ipnet::Ipv4Net;
 
 use super::{ClusterError, ClusterStore};
 use crate::model::BlockClaim;
-use crate::store::BoxFuture;
 
 #[derive(Debug, Default)]
 pub struct LocalCluster;

@@ -1,10 +1,10 @@
 //! Cluster-wide block ownership. Only block claims go through here; pod
 //! allocations never leave the node.
 
+use futures::future::BoxFuture;
 use ipnet::Ipv4Net;
 
 use crate::model::BlockClaim;
-use crate::store::BoxFuture;
 
 pub mod local;
 

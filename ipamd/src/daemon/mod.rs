@@ -24,7 +24,7 @@ use crate::ipam::Ipam;
 use crate::metrics::{self, BindError, Metrics};
 use crate::node::{self, BlockRoutes, HostLinks, NodeError, NodeNet, RouteReconciler, Unplugger};
 use crate::reconcile::Reconciler;
-use crate::recover::{self, RecoverError};
+use crate::store::recover::{self, RecoverError};
 
 pub mod socket;
 

@@ -10,8 +10,8 @@ use super::Ipam;
 use crate::error::IpamError;
 use crate::model::{Allocation, BlockClaim, PoolSpec};
 use crate::node::scan::VethAddress;
-use crate::recover;
 use crate::store::Seq;
+use crate::store::recover;
 
 impl Ipam {
     /// Adds a pool and, in the same batch, adopts the `live` addresses of

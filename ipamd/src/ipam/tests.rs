@@ -9,9 +9,10 @@ use crate::cluster::local::LocalCluster;
 use crate::model::AllocationFilter;
 use crate::model::{AddressState, PodMeta};
 use crate::node::scan::VethAddress;
+use crate::store::StoreError;
 use crate::store::memory::MemoryStore;
 use crate::store::sled::SledStore;
-use crate::store::{BoxFuture, StoreError};
+use futures::future::BoxFuture;
 use std::time::UNIX_EPOCH;
 
 const COOLDOWN_MS: i64 = 30_000;

@@ -8,9 +8,8 @@
 
 use std::path::PathBuf;
 
+use futures::future::BoxFuture;
 use ipnet::Ipv4Net;
-
-use crate::store::BoxFuture;
 
 mod netlink;
 mod routes;
@@ -134,10 +133,10 @@ pub mod fake {
     use std::collections::BTreeSet;
     use std::sync::Mutex;
 
+    use futures::future::BoxFuture;
     use ipnet::Ipv4Net;
 
     use super::{BlockRoutes, HostLink, HostLinks, NodeError};
-    use crate::store::BoxFuture;
 
     #[derive(Default)]
     pub struct FakeHost {

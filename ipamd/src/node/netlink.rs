@@ -5,6 +5,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use futures::TryStreamExt;
+use futures::future::BoxFuture;
 use ipnet::Ipv4Net;
 use netlink_packet_route::link::{
     InfoKind, LinkAttribute, LinkFlags, LinkInfo as LinkInfoAttr, LinkMessage,
@@ -19,7 +20,6 @@ use super::{
     BlockRoutes, HostLink, HostLinks, LinkInfo, LinksAndAddresses, NodeError, ROUTE_PROTOCOL,
     underlay_mtu,
 };
-use crate::store::BoxFuture;
 
 const EEXIST: i32 = libc::EEXIST;
 const ENODEV: i32 = libc::ENODEV;

@@ -1,3 +1,5 @@
+use futures::future::BoxFuture;
+
 use super::*;
 use crate::clock::ManualClock;
 use crate::model::PodMeta;
@@ -532,7 +534,7 @@ struct RacingHost {
 }
 
 impl HostLinks for RacingHost {
-    fn fry_links(&self) -> crate::store::BoxFuture<'_, Result<Vec<HostLink>, NodeError>> {
+    fn fry_links(&self) -> BoxFuture<'_, Result<Vec<HostLink>, NodeError>> {
         let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
         Box::pin(async move {
             if n == self.call {
@@ -541,13 +543,10 @@ impl HostLinks for RacingHost {
             Ok(links(&[NEIGHBOUR]))
         })
     }
-    fn delete_link<'a>(
-        &'a self,
-        _link: &'a HostLink,
-    ) -> crate::store::BoxFuture<'a, Result<bool, NodeError>> {
+    fn delete_link<'a>(&'a self, _link: &'a HostLink) -> BoxFuture<'a, Result<bool, NodeError>> {
         Box::pin(async { Ok(false) })
     }
-    fn veth_addresses(&self) -> crate::store::BoxFuture<'_, Result<Vec<VethAddress>, NodeError>> {
+    fn veth_addresses(&self) -> BoxFuture<'_, Result<Vec<VethAddress>, NodeError>> {
         Box::pin(async { Ok(Vec::new()) })
     }
 }

@@ -5,9 +5,10 @@ use std::net::Ipv4Addr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use futures::future::BoxFuture;
 use ipnet::Ipv4Net;
 
-use super::{BoxFuture, Mutation, Probe, Seq, Snapshot, Store, StoreError};
+use super::{Mutation, Probe, Seq, Snapshot, Store, StoreError};
 use crate::model::{AllocKey, Allocation, BlockClaim, PoolSpec};
 
 #[derive(Debug, Default)]

@@ -3,16 +3,15 @@
 //! requests share one flush (group commit).
 
 use std::net::Ipv4Addr;
-use std::pin::Pin;
 
+use futures::future::BoxFuture;
 use ipnet::Ipv4Net;
 
 use crate::model::{AllocKey, Allocation, BlockClaim, PoolSpec};
 
 pub mod memory;
+pub mod recover;
 pub mod sled;
-
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A position in the store's write order. Durable(seq) covers every batch
 /// applied at or before seq.
@@ -65,8 +64,14 @@ pub struct Probe {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("sled: {0}")]
-    Sled(#[from] ::sled::Error),
+    /// The storage engine (`backend`) failed; `damage` is whether that
+    /// failure means the database itself is damaged.
+    #[error("{backend}: {source}")]
+    Backend {
+        backend: &'static str,
+        damage: bool,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("I/O on {path}: {source}")]
     Io {
         path: std::path::PathBuf,
@@ -91,27 +96,20 @@ impl StoreError {
     /// errors a restart or an operator can fix (permissions, a full disk,
     /// another process holding the lock).
     pub fn is_damage(&self) -> bool {
-        use std::io::ErrorKind;
         match self {
             StoreError::Corrupt { .. } | StoreError::Lost { .. } => true,
-            StoreError::Sled(e) => match e {
-                ::sled::Error::Corruption { .. }
-                | ::sled::Error::ReportableBug(_)
-                | ::sled::Error::Unsupported(_) => true,
-                ::sled::Error::Io(io) => {
-                    matches!(io.kind(), ErrorKind::UnexpectedEof | ErrorKind::InvalidData)
-                }
-                _ => false,
-            },
-            StoreError::Io { source, .. } => {
-                matches!(
-                    source.kind(),
-                    ErrorKind::UnexpectedEof | ErrorKind::InvalidData
-                )
-            }
+            StoreError::Backend { damage, .. } => *damage,
+            StoreError::Io { source, .. } => io_is_damage(source),
             StoreError::Closed => false,
         }
     }
+}
+
+/// True when an I/O error says the bytes read are not what was written
+/// (cut short or malformed), rather than that they could not be read.
+fn io_is_damage(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(e.kind(), ErrorKind::UnexpectedEof | ErrorKind::InvalidData)
 }
 
 pub trait Store: Send + Sync {
