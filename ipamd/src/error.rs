@@ -36,4 +36,8 @@ pub enum IpamError {
     Cluster(#[from] ClusterError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// A broken invariant of ipamd itself, which no request or
+    /// configuration can cause: a bug to report, not an input to fix.
+    #[error("internal error: {0}")]
+    Internal(String),
 }

@@ -35,7 +35,7 @@ pub fn ipam_status(err: &IpamError) -> Status {
         IpamError::NotFound(_) => Code::NotFound,
         IpamError::Conflict(_) => Code::Aborted,
         IpamError::Cluster(_) | IpamError::Held { .. } => Code::Unavailable,
-        IpamError::Store(_) => Code::Internal,
+        IpamError::Store(_) | IpamError::Internal(_) => Code::Internal,
     };
     Status::new(code, err.to_string())
 }
@@ -798,6 +798,7 @@ mod tests {
                 Code::Unavailable,
             ),
             (IpamError::Store(StoreError::Closed), Code::Internal),
+            (IpamError::Internal("bug".into()), Code::Internal),
         ];
         for (err, code) in cases {
             let s = ipam_status(&err);

@@ -42,10 +42,12 @@ impl Allocator {
         {
             return Ok(p);
         }
+        // Merging the configured pools at start requires a default, and
+        // `pool rm` refuses to remove it.
         self.pools
             .values()
             .find(|p| p.is_default())
-            .ok_or_else(|| IpamError::InvalidArgument("no default pool is configured".into()))
+            .ok_or_else(|| IpamError::Internal("no default pool is configured".into()))
     }
 
     pub fn plan_allocate(&self, params: &AllocateParams, now_ms: i64) -> Result<Plan, IpamError> {
@@ -92,9 +94,7 @@ impl Allocator {
         };
         let Some(block) = self.block_containing(ip).map(|b| b.claim.cidr) else {
             // pick() and the ownership check above only return owned addresses.
-            return Err(IpamError::InvalidArgument(format!(
-                "internal: {ip} is in no owned block"
-            )));
+            return Err(IpamError::Internal(format!("{ip} is in no owned block")));
         };
         let allocation = Allocation {
             key: params.key.clone(),
