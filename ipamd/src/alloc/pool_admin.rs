@@ -5,24 +5,13 @@ use std::collections::HashSet;
 
 use tracing::warn;
 
-use super::{Allocator, pool};
+use super::Allocator;
+use super::pool::{self, PoolError};
 use crate::error::IpamError;
 use crate::model::{BlockClaim, PoolSpec};
 use crate::store::Mutation;
 
 impl Allocator {
-    /// Checks `spec` against itself and every other pool (except one named
-    /// like it, which it would replace).
-    pub fn validate_pool(&self, spec: &PoolSpec) -> Result<(), IpamError> {
-        pool::validate(spec).map_err(IpamError::InvalidArgument)?;
-        let others: Vec<&PoolSpec> = self
-            .pools
-            .values()
-            .filter(|p| p.name != spec.name)
-            .collect();
-        check_pool_set(spec, &others)
-    }
-
     /// Mutations adding a new pool at run time. The pool is marked as added
     /// at run time, so that it outlives restarts although the configuration
     /// does not name it.
@@ -33,17 +22,11 @@ impl Allocator {
                 spec.name, old.cidr
             )));
         }
-        self.validate_pool(spec)?;
-        if let Some(unknown) = spec
-            .allow_from
-            .iter()
-            .find(|n| **n != spec.name && !self.pools.contains_key(n.as_str()))
-        {
-            return Err(IpamError::InvalidArgument(format!(
-                "pool {}: allow_from names unknown pool {unknown:?}",
-                spec.name
-            )));
+        pool::validate(spec)?;
+        for other in self.pools.values() {
+            pool::check_pair(spec, other)?;
         }
+        pool::check_allow_from(spec, |name| self.pools.contains_key(name))?;
         Ok(vec![Mutation::PutPool(PoolSpec {
             runtime: true,
             ..spec.clone()
@@ -112,18 +95,17 @@ impl Allocator {
         &self,
         configured: &[PoolSpec],
     ) -> Result<(Vec<BlockClaim>, Vec<Mutation>), IpamError> {
-        let mut names = HashSet::new();
-        for spec in configured {
-            pool::validate(spec).map_err(IpamError::InvalidArgument)?;
-            if !names.insert(spec.name.as_str()) {
-                return Err(IpamError::InvalidArgument(format!(
-                    "pool {} is configured twice",
-                    spec.name
-                )));
-            }
-        }
-        let held = |name: &str| self.allocations.values().filter(|a| a.pool == name).count();
         let mut final_set: Vec<&PoolSpec> = configured.iter().collect();
+        // The configuration checked its pools by the same rules.
+        let broken = |rule: String| {
+            IpamError::Internal(format!("a configured pool breaks a pool rule: {rule}"))
+        };
+        for spec in configured {
+            pool::validate(spec).map_err(|e| broken(e.to_string()))?;
+        }
+        pool::check_together(&final_set).map_err(|e| broken(e.to_string()))?;
+        let names: HashSet<&str> = configured.iter().map(|p| p.name.as_str()).collect();
+        let held = |name: &str| self.allocations.values().filter(|a| a.pool == name).count();
         let mut muts = Vec::new();
         let mut dropped: Vec<BlockClaim> = Vec::new();
         let drop_blocks = |name: &str, dropped: &mut Vec<BlockClaim>, muts: &mut Vec<Mutation>| {
@@ -185,46 +167,12 @@ impl Allocator {
                 });
             }
         }
-        for (i, spec) in final_set.iter().enumerate() {
-            let others: Vec<&PoolSpec> = final_set
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(_, p)| *p)
-                .collect();
-            check_pool_set(spec, &others)?;
-        }
+        // A pool added at run time can clash with one configured since.
+        pool::check_together(&final_set).map_err(|e| IpamError::from(e.error))?;
         if !final_set.iter().any(|p| p.is_default()) {
-            return Err(IpamError::InvalidArgument(
-                "no default pool: exactly one pool must list no namespaces".into(),
-            ));
+            // The configuration always has one.
+            return Err(IpamError::Internal(PoolError::NoDefault.to_string()));
         }
         Ok((dropped, muts))
     }
-}
-
-/// `spec` against the other pools: no overlap, one default, a namespace in
-/// at most one pool.
-fn check_pool_set(spec: &PoolSpec, others: &[&PoolSpec]) -> Result<(), IpamError> {
-    for o in others {
-        if pool::overlaps(o.cidr, spec.cidr) {
-            return Err(IpamError::InvalidArgument(format!(
-                "pool {} ({}) overlaps pool {} ({})",
-                spec.name, spec.cidr, o.name, o.cidr
-            )));
-        }
-        if spec.is_default() && o.is_default() {
-            return Err(IpamError::Conflict(format!(
-                "pool {} would be a second default pool next to {} (a default pool lists no namespaces)",
-                spec.name, o.name
-            )));
-        }
-        if let Some(ns) = spec.namespaces.iter().find(|n| o.namespaces.contains(n)) {
-            return Err(IpamError::InvalidArgument(format!(
-                "namespace {ns} is listed by both pool {} and pool {}",
-                spec.name, o.name
-            )));
-        }
-    }
-    Ok(())
 }

@@ -2,8 +2,7 @@
 //! file merged over defaults (flag > file > default), then validated into
 //! [`Config`]. Errors name the offending key so an operator can fix it.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -12,7 +11,7 @@ use clap::Parser;
 use ipnet::Ipv4Net;
 use serde::Deserialize;
 
-use crate::alloc::pool::MIN_BLOCK_PREFIX;
+use crate::alloc::pool::{self, PoolError, PoolField, PoolParts};
 use crate::ipam::IpamOptions;
 use crate::model::{DEFAULT_POOL, PoolSpec};
 
@@ -126,6 +125,21 @@ pub struct FilePool {
     pub allow_from: Vec<String>,
 }
 
+impl FilePool {
+    fn parts(&self) -> PoolParts<'_> {
+        PoolParts {
+            name: &self.name,
+            cidr: &self.cidr,
+            block_size: self.block_size.map(u32::from),
+            namespaces: &self.namespaces,
+            nat_outgoing: self.nat_outgoing,
+            snat_address: self.snat_address.as_deref(),
+            isolated: self.isolated,
+            allow_from: &self.allow_from,
+        }
+    }
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -222,12 +236,21 @@ impl Config {
             .pod_cidr
             .or(file.pod_cidr)
             .unwrap_or_else(|| DEFAULT_POD_CIDR.to_string());
-        let pod_cidr = parse_network("pod_cidr", &pod_cidr_text)?;
         let block_size = cli
             .block_size
             .or(file.block_size)
             .unwrap_or(DEFAULT_BLOCK_SIZE);
-        check_block_size("block_size", pod_cidr, block_size)?;
+        let default_pool = pool::parse(
+            &PoolParts {
+                name: DEFAULT_POOL,
+                cidr: &pod_cidr_text,
+                block_size: Some(block_size.into()),
+                ..PoolParts::default()
+            },
+            block_size,
+        )
+        .map_err(|e| invalid_pool(Some(0), &e))?;
+        let (pod_cidr, block_size) = (default_pool.cidr, default_pool.block_size);
 
         let secs = |flag: Option<u64>, file: Option<u64>, default: u64| {
             Duration::from_secs(flag.or(file).unwrap_or(default))
@@ -299,12 +322,14 @@ impl Config {
                 .unwrap_or_else(|| DEFAULT_METRICS_ADDR.to_string()),
         )?;
 
-        let default_pool = PoolSpec::new(DEFAULT_POOL, pod_cidr, block_size, Vec::new());
         let mut pools = vec![default_pool];
-        for (i, p) in file.pools.iter().enumerate() {
-            pools.push(file_pool(i, p, block_size)?);
+        for p in &file.pools {
+            let index = pools.len();
+            let spec =
+                pool::parse(&p.parts(), block_size).map_err(|e| invalid_pool(Some(index), &e))?;
+            pools.push(spec);
         }
-        validate_pools(&pools)?;
+        pool::validate_set(&pools).map_err(|e| invalid_pool(e.index, &e.error))?;
 
         Ok(Config {
             socket,
@@ -451,143 +476,16 @@ pub fn parse_metrics_addr(text: &str) -> Result<Option<SocketAddr>, ConfigError>
     Ok(Some(addr))
 }
 
-/// A CIDR whose host bits are zero; naming the fix when they are not.
-pub fn parse_network(key: &str, text: &str) -> Result<Ipv4Net, ConfigError> {
-    let net: Ipv4Net = text.trim().parse().map_err(|_| {
-        invalid(
-            key,
-            format!("{text:?} is not an IPv4 CIDR (like 10.244.0.0/16)"),
-        )
-    })?;
-    if net.trunc() != net {
-        return Err(invalid(
-            key,
-            format!("{net} has host bits set; did you mean {}?", net.trunc()),
-        ));
-    }
-    Ok(net)
-}
-
-pub fn check_block_size(key: &str, cidr: Ipv4Net, block_size: u8) -> Result<(), ConfigError> {
-    let lowest = cidr.prefix_len().max(MIN_BLOCK_PREFIX);
-    if block_size < lowest || block_size > 32 {
-        return Err(invalid(
-            key,
-            format!(
-                "{block_size} must be between {lowest} (the pool's prefix length, and at most \
-                 65536 addresses per block) and 32"
-            ),
-        ));
-    }
-    Ok(())
-}
-
-fn file_pool(i: usize, p: &FilePool, default_block: u8) -> Result<PoolSpec, ConfigError> {
-    let key = |field: &str| format!("pools[{i}].{field}");
-    let name = p.name.trim();
-    if name.is_empty() {
-        return Err(invalid(key("name"), "must not be empty"));
-    }
-    let cidr = parse_network(&key("cidr"), &p.cidr)?;
-    let block_size = p.block_size.unwrap_or(default_block.max(cidr.prefix_len()));
-    check_block_size(&key("block_size"), cidr, block_size)?;
-    let snat_address =
-        match p.snat_address.as_deref().map(str::trim) {
-            None | Some("") => None,
-            Some(s) => Some(s.parse::<Ipv4Addr>().map_err(|_| {
-                invalid(key("snat_address"), format!("{s:?} is not an IPv4 address"))
-            })?),
-        };
-    Ok(PoolSpec {
-        name: name.to_string(),
-        cidr,
-        block_size,
-        namespaces: PoolSpec::trimmed_names(&p.namespaces),
-        nat_outgoing: p.nat_outgoing,
-        snat_address,
-        isolated: p.isolated,
-        allow_from: PoolSpec::trimmed_names(&p.allow_from),
-        runtime: false,
-    })
-}
-
-/// Checks a whole pool set: unique names, exactly one default, no
-/// overlapping CIDRs, no namespace served twice, allow_from names known.
-pub fn validate_pools(pools: &[PoolSpec]) -> Result<(), ConfigError> {
-    let key = |i: usize, field: &str| {
-        if pools[i].name == DEFAULT_POOL && i == 0 {
-            // The default pool comes from top-level keys.
-            match field {
-                "cidr" => "pod_cidr".to_string(),
-                other => other.to_string(),
-            }
-        } else {
-            format!("pools[{}].{field}", i.saturating_sub(1))
-        }
+/// A pool error under the key it is about: pool 0 is the default pool, from
+/// the top-level keys; pool i > 0 is `pools[i - 1]`.
+fn invalid_pool(index: Option<usize>, e: &PoolError) -> ConfigError {
+    let key = match (index, e.field()) {
+        (Some(0), Some(PoolField::Cidr)) => "pod_cidr".to_string(),
+        (Some(0), Some(field)) => field.to_string(),
+        (Some(i), Some(field)) => format!("pools[{}].{field}", i - 1),
+        _ => "pools".to_string(),
     };
-    let mut names = BTreeSet::new();
-    let mut namespaces: BTreeMap<&str, &str> = BTreeMap::new();
-    let mut defaults = Vec::new();
-    for (i, p) in pools.iter().enumerate() {
-        if !names.insert(p.name.as_str()) {
-            return Err(invalid(
-                key(i, "name"),
-                format!("pool name {:?} is used twice", p.name),
-            ));
-        }
-        if p.namespaces.is_empty() {
-            defaults.push(i);
-        }
-        for ns in &p.namespaces {
-            if ns.is_empty() {
-                return Err(invalid(key(i, "namespaces"), "holds an empty name"));
-            }
-            if let Some(other) = namespaces.insert(ns, &p.name) {
-                return Err(invalid(
-                    key(i, "namespaces"),
-                    format!(
-                        "namespace {ns:?} is served by both pool {other:?} and pool {:?}",
-                        p.name
-                    ),
-                ));
-            }
-        }
-        for (j, q) in pools.iter().enumerate().take(i) {
-            if p.cidr.contains(&q.cidr.network()) || q.cidr.contains(&p.cidr.network()) {
-                return Err(invalid(
-                    key(i, "cidr"),
-                    format!(
-                        "{} (pool {:?}) overlaps {} (pool {:?}, {})",
-                        p.cidr,
-                        p.name,
-                        q.cidr,
-                        q.name,
-                        key(j, "cidr")
-                    ),
-                ));
-            }
-        }
-    }
-    if defaults.len() != 1 {
-        let which: Vec<&str> = defaults.iter().map(|&i| pools[i].name.as_str()).collect();
-        return Err(invalid(
-            "pools",
-            format!(
-                "exactly one pool may serve no namespaces (the default, from pod_cidr); these do: {which:?}; give each [[pools]] entry namespaces"
-            ),
-        ));
-    }
-    for (i, p) in pools.iter().enumerate() {
-        for from in &p.allow_from {
-            if !names.contains(from.as_str()) {
-                return Err(invalid(
-                    key(i, "allow_from"),
-                    format!("names unknown pool {from:?}"),
-                ));
-            }
-        }
-    }
-    Ok(())
+    invalid(key, e.detail())
 }
 
 #[cfg(test)]

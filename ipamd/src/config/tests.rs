@@ -1,3 +1,5 @@
+use std::net::Ipv4Addr;
+
 use super::*;
 
 fn node() -> Option<String> {
@@ -180,6 +182,15 @@ fn invalid_pools_are_named() {
         (
             "[[pools]]\nname = \"x\"\ncidr = \"10.9.0.0/24\"\nnamespaces = [\"x\"]\nallow_from = [\"ghost\"]",
             "pools[0].allow_from",
+        ),
+        // The allocator's rules for one pool apply in the file too.
+        (
+            "[[pools]]\nname = \"a/b\"\ncidr = \"10.9.0.0/24\"\nnamespaces = [\"x\"]",
+            "pools[0].name",
+        ),
+        (
+            "[[pools]]\nname = \"x\"\ncidr = \"10.9.0.0/24\"\nnamespaces = [\"x\", \" \"]",
+            "pools[0].namespaces",
         ),
     ];
     for (text, key) in cases {
