@@ -2,6 +2,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
+use crate::alloc::pool::PoolError;
 use crate::cluster::ClusterError;
 use crate::store::StoreError;
 
@@ -36,4 +37,18 @@ pub enum IpamError {
     Cluster(#[from] ClusterError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// A broken invariant of ipamd itself, which no request or
+    /// configuration can cause: a bug to report, not an input to fix.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<PoolError> for IpamError {
+    fn from(e: PoolError) -> Self {
+        match e {
+            // The request is well formed; the pools as they are stand in its way.
+            PoolError::SecondDefault { .. } => IpamError::Conflict(e.to_string()),
+            _ => IpamError::InvalidArgument(e.to_string()),
+        }
+    }
 }

@@ -12,7 +12,7 @@ use ferry_proto::v1::ipam_server::Ipam as IpamRpc;
 use tonic::{Code, Request, Response, Status};
 
 use crate::alloc::pool;
-use crate::config::{self, DEFAULT_BLOCK_SIZE};
+use crate::config::DEFAULT_BLOCK_SIZE;
 use crate::error::IpamError;
 use crate::ipam::Ipam;
 use crate::model::{
@@ -33,7 +33,7 @@ pub fn ipam_status(err: &IpamError) -> Status {
         IpamError::NotFound(_) => Code::NotFound,
         IpamError::Conflict(_) => Code::Aborted,
         IpamError::Cluster(_) | IpamError::Held { .. } => Code::Unavailable,
-        IpamError::Store(_) => Code::Internal,
+        IpamError::Store(_) | IpamError::Internal(_) => Code::Internal,
     };
     Status::new(code, err.to_string())
 }
@@ -256,37 +256,27 @@ fn finding_to_pb(f: &Finding) -> pb::Finding {
     }
 }
 
-/// A pool from AddPool, checked field by field the way the config file is.
+/// A pool from AddPool, read and checked by the config file's rules.
 fn pool_from_pb(p: Option<pb::Pool>) -> Result<PoolSpec, Status> {
     let p = p.ok_or_else(|| invalid("pool is missing"))?;
-    let as_invalid = |e: config::ConfigError| invalid(e.to_string());
-    let name = p.name.trim().to_string();
-    if name.is_empty() {
-        return Err(invalid("pool.name is empty"));
-    }
-    let cidr = config::parse_network("pool.cidr", &p.cidr).map_err(as_invalid)?;
-    let block_size = match p.block_size {
-        0 => DEFAULT_BLOCK_SIZE.max(cidr.prefix_len()),
-        n => u8::try_from(n).map_err(|_| invalid(format!("pool.block_size {n} is too large")))?,
-    };
-    config::check_block_size("pool.block_size", cidr, block_size).map_err(as_invalid)?;
-    let snat_address = match p.snat_address.trim() {
-        "" => None,
-        s => Some(
-            s.parse::<Ipv4Addr>()
-                .map_err(|_| invalid(format!("pool.snat_address {s:?} is not an IPv4 address")))?,
-        ),
-    };
-    Ok(PoolSpec {
-        name,
-        cidr,
-        block_size,
-        namespaces: PoolSpec::trimmed_names(&p.namespaces),
+    let parts = pool::PoolParts {
+        name: &p.name,
+        cidr: &p.cidr,
+        // 0: not given.
+        block_size: (p.block_size != 0).then_some(p.block_size),
+        namespaces: &p.namespaces,
         nat_outgoing: p.nat_outgoing,
-        snat_address,
+        snat_address: Some(&p.snat_address),
         isolated: p.isolated,
-        allow_from: PoolSpec::trimmed_names(&p.allow_from),
+        allow_from: &p.allow_from,
+    };
+    let spec = pool::parse(&parts, DEFAULT_BLOCK_SIZE).map_err(|e| {
+        let field = e.field().map_or(String::new(), |f| format!(".{f}"));
+        invalid(format!("invalid pool{field}: {}", e.detail()))
+    })?;
+    Ok(PoolSpec {
         runtime: true,
+        ..spec
     })
 }
 
@@ -761,6 +751,7 @@ mod tests {
                 Code::Unavailable,
             ),
             (IpamError::Store(StoreError::Closed), Code::Internal),
+            (IpamError::Internal("bug".into()), Code::Internal),
         ];
         for (err, code) in cases {
             let s = ipam_status(&err);
@@ -887,7 +878,7 @@ mod tests {
         assert!(e.message().contains("pool.block_size"), "{}", e.message());
         let bad = pb::Pool {
             cidr: "10.9.0.1/24".into(),
-            ..pool
+            ..pool.clone()
         };
         assert!(
             pool_from_pb(Some(bad))
@@ -895,6 +886,44 @@ mod tests {
                 .message()
                 .contains("pool.cidr")
         );
+        // Each bad field is named the way the config file's error is worded.
+        for (bad, want) in [
+            (
+                pb::Pool {
+                    name: " ".into(),
+                    ..pool.clone()
+                },
+                "invalid pool.name: must not be empty",
+            ),
+            (
+                pb::Pool {
+                    block_size: 300,
+                    ..pool.clone()
+                },
+                "invalid pool.block_size: 300 must be between 24",
+            ),
+            (
+                pb::Pool {
+                    snat_address: "nope".into(),
+                    ..pool.clone()
+                },
+                "invalid pool.snat_address: \"nope\" is not an IPv4 address",
+            ),
+            (
+                pb::Pool {
+                    namespaces: vec!["a".into(), " ".into()],
+                    ..pool.clone()
+                },
+                "invalid pool.namespaces: holds an empty name",
+            ),
+        ] {
+            let e = pool_from_pb(Some(bad)).unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument);
+            assert!(e.message().starts_with(want), "{}", e.message());
+        }
+        assert!(pool_from_pb(None).is_err());
+        let spec = pool_from_pb(Some(pool)).unwrap();
+        assert!(spec.runtime && spec.snat_address.is_none());
     }
 
     async fn services() -> (IpamService, AdminService, Arc<crate::node::fake::FakeHost>) {

@@ -3,7 +3,8 @@ use std::collections::HashMap;
 use proptest::prelude::*;
 
 use super::*;
-use crate::model::PodMeta;
+use crate::model::{AllocateParams, PodMeta};
+use crate::store::Snapshot;
 
 const COOLDOWN: i64 = 1_000;
 const GRACE: i64 = 5_000;
