@@ -134,13 +134,17 @@ pub async fn run(
     };
 
     // A damaged database is moved aside and rebuilt from the host veths.
-    let (store, _rebuild) =
-        recover::open_store(&config.state_dir, &config.ipam_options(), &LocalCluster)
-            .await
-            .map_err(|source| DaemonError::State {
-                dir: config.state_dir.clone(),
-                source,
-            })?;
+    let (store, _rebuild) = recover::open_store(
+        &config.state_dir,
+        &config.ipam_options(),
+        &LocalCluster,
+        host.links.as_ref(),
+    )
+    .await
+    .map_err(|source| DaemonError::State {
+        dir: config.state_dir.clone(),
+        source,
+    })?;
     let ipam = Arc::new(
         Ipam::open(
             config.ipam_options(),

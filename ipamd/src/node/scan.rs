@@ -1,49 +1,25 @@
 //! The addresses the node's live pods use, read from the host side alone:
 //! every host veth of ferry's (named `fry` + 11 hex, kind veth) carries one host route `IP/32 dev fryX scope link`
 //! (the plugin adds it on ADD). Used to rebuild IPAM state when the
-//! database is lost; it needs no pod netns and no runtime.
+//! database is lost, through [`super::HostLinks::veth_addresses`]; it needs
+//! no pod netns and no runtime.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
-use futures::TryStreamExt;
 use netlink_packet_route::link::LinkMessage;
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope, RouteType,
 };
-use rtnetlink::RouteMessageBuilder;
 
+use super::LinkInfo;
 use super::netlink::{link_info, table_of};
-use super::{LinkInfo, NodeError};
 
 /// One address in use: `ip` is routed to host veth `link`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct VethAddress {
     pub link: String,
     pub ip: Ipv4Addr,
-}
-
-/// Lists ferry's host veths and their /32 host routes in this netns (ipamd's,
-/// the node's). Opens its own netlink socket; call inside a tokio runtime.
-pub async fn host_veth_addresses() -> Result<Vec<VethAddress>, NodeError> {
-    let (conn, handle, _) = rtnetlink::new_connection().map_err(NodeError::Connect)?;
-    let conn = tokio::spawn(conn);
-    let failed = |op: &str| {
-        let op = op.to_string();
-        move |source| NodeError::Netlink { op, source }
-    };
-    let links: Result<Vec<LinkMessage>, _> = handle.link().get().execute().try_collect().await;
-    let routes: Result<Vec<RouteMessage>, _> = handle
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute()
-        .try_collect()
-        .await;
-    conn.abort();
-    Ok(pair(
-        &links.map_err(failed("list links"))?,
-        &routes.map_err(failed("list routes"))?,
-    ))
 }
 
 /// The /32 scope-link unicast routes of the main table whose output link
@@ -88,6 +64,7 @@ pub(crate) fn pair(links: &[LinkMessage], routes: &[RouteMessage]) -> Vec<VethAd
 #[cfg(test)]
 mod tests {
     use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo as LinkInfoAttr};
+    use rtnetlink::RouteMessageBuilder;
 
     use super::*;
 

@@ -32,8 +32,8 @@ use tracing::error;
 use crate::cluster::{ClusterError, ClusterStore};
 use crate::ipam::IpamOptions;
 use crate::model::{AllocKey, Allocation, BlockClaim, PodMeta, PoolSpec};
-use crate::node::NodeError;
-use crate::node::scan::{self, VethAddress};
+use crate::node::scan::VethAddress;
+use crate::node::{HostLinks, NodeError};
 use crate::store::sled::SledStore;
 use crate::store::{Mutation, Store, StoreError};
 
@@ -100,6 +100,7 @@ pub async fn open_store(
     state_dir: &Path,
     opts: &IpamOptions,
     cluster: &dyn ClusterStore,
+    host: &dyn HostLinks,
 ) -> Result<(SledStore, Option<Rebuild>), RecoverError> {
     let cause = match open_checked(state_dir) {
         Ok(store) => return Ok((store, None)),
@@ -108,7 +109,8 @@ pub async fn open_store(
     };
     error!(state_dir = %state_dir.display(), error = %cause,
         "the state database is damaged; rebuilding it from the host veths");
-    let live = scan::host_veth_addresses()
+    let live = host
+        .veth_addresses()
         .await
         .map_err(|source| RecoverError::Scan {
             cause: cause.clone(),
