@@ -43,11 +43,7 @@ pub fn status(
 }
 
 pub fn pools(json: bool, pools: &[pb::PoolUsage]) -> anyhow::Result<()> {
-    if json {
-        return print_json(&pools.iter().map(PoolJson::from).collect::<Vec<_>>());
-    }
-    print_table(&POOL_HEADERS, pool_rows(pools));
-    Ok(())
+    print_list::<_, PoolJson>(json, pools, &POOL_HEADERS, pool_row)
 }
 
 pub fn pool_added(json: bool, added: &pb::Pool) -> anyhow::Result<()> {
@@ -73,63 +69,43 @@ pub fn pool_removed(json: bool, name: &str) -> anyhow::Result<()> {
 }
 
 pub fn blocks(json: bool, blocks: &[pb::Block], now_ms: i64) -> anyhow::Result<()> {
-    if json {
-        return print_json(&blocks.iter().map(BlockJson::from).collect::<Vec<_>>());
-    }
-    let rows = blocks
-        .iter()
-        .map(|b| {
-            vec![
-                b.cidr.clone(),
-                b.pool.clone(),
-                b.node.clone(),
-                b.size.to_string(),
-                b.allocated.to_string(),
-                b.cooling.to_string(),
-                block_free(b).to_string(),
-                age(now_ms, b.claimed_unix_ms),
-            ]
-        })
-        .collect();
-    print_table(
-        &[
-            "CIDR",
-            "POOL",
-            "NODE",
-            "SIZE",
-            "ALLOCATED",
-            "COOLING",
-            "FREE",
-            "AGE",
-        ],
-        rows,
-    );
-    Ok(())
+    let headers = [
+        "CIDR",
+        "POOL",
+        "NODE",
+        "SIZE",
+        "ALLOCATED",
+        "COOLING",
+        "FREE",
+        "AGE",
+    ];
+    print_list::<_, BlockJson>(json, blocks, &headers, |b| {
+        vec![
+            b.cidr.clone(),
+            b.pool.clone(),
+            b.node.clone(),
+            b.size.to_string(),
+            b.allocated.to_string(),
+            b.cooling.to_string(),
+            block_free(b).to_string(),
+            age(now_ms, b.claimed_unix_ms),
+        ]
+    })
 }
 
 pub fn allocations(json: bool, all: &[pb::Allocation], now_ms: i64) -> anyhow::Result<()> {
-    if json {
-        return print_json(&all.iter().map(AllocationJson::from).collect::<Vec<_>>());
-    }
-    let rows = all
-        .iter()
-        .map(AllocationJson::from)
-        .map(|a| {
-            vec![
-                a.ip,
-                a.pool,
-                format!("{}/{}", a.namespace, a.pod),
-                short_id(&a.container_id),
-                a.ifname,
-                age(now_ms, a.created_unix_ms),
-            ]
-        })
-        .collect();
-    print_table(
-        &["IP", "POOL", "NAMESPACE/POD", "CONTAINER", "IFNAME", "AGE"],
-        rows,
-    );
-    Ok(())
+    let headers = ["IP", "POOL", "NAMESPACE/POD", "CONTAINER", "IFNAME", "AGE"];
+    print_list::<_, AllocationJson>(json, all, &headers, |a| {
+        let a = AllocationJson::from(a);
+        vec![
+            a.ip,
+            a.pool,
+            format!("{}/{}", a.namespace, a.pod),
+            short_id(&a.container_id),
+            a.ifname,
+            age(now_ms, a.created_unix_ms),
+        ]
+    })
 }
 
 /// `show` of one IP: its state, and who holds it.
@@ -198,42 +174,30 @@ pub fn released(json: bool, target: &str, released: &[pb::Allocation]) -> anyhow
 
 /// `check`'s findings.
 pub fn findings(json: bool, findings: &[pb::Finding]) -> anyhow::Result<()> {
-    if json {
-        return print_findings_json(findings);
-    }
-    if findings.is_empty() {
+    if findings.is_empty() && !json {
         println!("consistent: no findings");
         return Ok(());
     }
-    let rows = findings
-        .iter()
-        .map(|f| vec![f.kind.clone(), f.detail.clone()])
-        .collect();
-    print_table(&["KIND", "DETAIL"], rows);
-    Ok(())
+    print_list::<_, FindingJson>(json, findings, &["KIND", "DETAIL"], |f| {
+        vec![f.kind.clone(), f.detail.clone()]
+    })
 }
 
 /// What `gc` did, or with `dry_run` would do.
 pub fn actions(json: bool, dry_run: bool, actions: &[pb::Finding]) -> anyhow::Result<()> {
-    if json {
-        return print_findings_json(actions);
-    }
-    if actions.is_empty() {
+    if actions.is_empty() && !json {
         println!("nothing to collect");
         return Ok(());
     }
-    let rows = actions
-        .iter()
-        .map(|f| {
-            let allocation = f.allocation.as_ref().map_or("-".to_string(), |a| {
-                let j = AllocationJson::from(a);
-                format!("{} {} {}", j.ip, short_id(&j.container_id), j.ifname)
-            });
-            vec![f.kind.clone(), allocation, f.detail.clone()]
-        })
-        .collect();
-    print_table(&["KIND", "ALLOCATION", "DETAIL"], rows);
-    if dry_run {
+    let headers = ["KIND", "ALLOCATION", "DETAIL"];
+    print_list::<_, FindingJson>(json, actions, &headers, |f| {
+        let allocation = f.allocation.as_ref().map_or("-".to_string(), |a| {
+            let j = AllocationJson::from(a);
+            format!("{} {} {}", j.ip, short_id(&j.container_id), j.ifname)
+        });
+        vec![f.kind.clone(), allocation, f.detail.clone()]
+    })?;
+    if dry_run && !json {
         println!("dry run: nothing was changed");
     }
     Ok(())
@@ -247,31 +211,26 @@ fn or_dash(s: String) -> String {
     if s.is_empty() { "-".to_string() } else { s }
 }
 
-pub fn pool_rows(pools: &[pb::PoolUsage]) -> Vec<Vec<String>> {
-    pools
-        .iter()
-        .map(|u| {
-            let p = u.pool.clone().unwrap_or_default();
-            vec![
-                p.name,
-                p.cidr,
-                format!("/{}", p.block_size),
-                if p.is_default {
-                    "(default)".to_string()
-                } else {
-                    p.namespaces.join(",")
-                },
-                yes_no(p.nat_outgoing),
-                or_dash(p.snat_address),
-                yes_no(p.isolated),
-                or_dash(p.allow_from.join(",")),
-                u.size.to_string(),
-                u.allocated.to_string(),
-                u.cooling.to_string(),
-                u.blocks.to_string(),
-            ]
-        })
-        .collect()
+pub fn pool_row(u: &pb::PoolUsage) -> Vec<String> {
+    let p = u.pool.clone().unwrap_or_default();
+    vec![
+        p.name,
+        p.cidr,
+        format!("/{}", p.block_size),
+        if p.is_default {
+            "(default)".to_string()
+        } else {
+            p.namespaces.join(",")
+        },
+        yes_no(p.nat_outgoing),
+        or_dash(p.snat_address),
+        yes_no(p.isolated),
+        or_dash(p.allow_from.join(",")),
+        u.size.to_string(),
+        u.allocated.to_string(),
+        u.cooling.to_string(),
+        u.blocks.to_string(),
+    ]
 }
 
 pub const POOL_HEADERS: [&str; 12] = [
@@ -299,8 +258,18 @@ fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_findings_json(findings: &[pb::Finding]) -> anyhow::Result<()> {
-    print_json(&findings.iter().map(FindingJson::from).collect::<Vec<_>>())
+/// `--json`: an array of one `J` per item; else a table of one row per item.
+fn print_list<'a, T, J: Serialize + From<&'a T>>(
+    json: bool,
+    items: &'a [T],
+    headers: &[&str],
+    row: impl Fn(&'a T) -> Vec<String>,
+) -> anyhow::Result<()> {
+    if json {
+        return print_json(&items.iter().map(J::from).collect::<Vec<_>>());
+    }
+    print_table(headers, items.iter().map(row).collect());
+    Ok(())
 }
 
 /// Columns padded to their widest cell, two spaces apart; the last column

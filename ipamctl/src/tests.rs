@@ -7,7 +7,7 @@ use tonic::Status;
 use crate::client::rpc_error;
 use crate::commands::{parse_target, pool_request};
 use crate::render::{
-    AllocationJson, POOL_HEADERS, PoolJson, age, duration_text, format_table, pool_rows, utc,
+    AllocationJson, POOL_HEADERS, PoolJson, age, duration_text, format_table, pool_row, utc,
 };
 use crate::{Cli, Cmd, PoolCmd};
 
@@ -103,8 +103,8 @@ fn pool_rows_show_every_option() {
         blocks: 1,
     };
     assert_eq!(
-        pool_rows(std::slice::from_ref(&u)),
-        vec![vec![
+        pool_row(&u),
+        vec![
             "blue",
             "10.50.0.0/24",
             "/28",
@@ -117,9 +117,9 @@ fn pool_rows_show_every_option() {
             "3",
             "1",
             "1"
-        ]]
+        ]
     );
-    assert_eq!(pool_rows(&[u])[0].len(), POOL_HEADERS.len());
+    assert_eq!(pool_row(&u).len(), POOL_HEADERS.len());
     let v = serde_json::to_value(PoolJson::from(&pb::PoolUsage::default())).unwrap();
     for k in [
         "name",
