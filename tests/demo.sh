@@ -26,7 +26,7 @@ run() {
 
 say "setup and build"
 tests/setup.sh
-cargo build --release -p ferry -p ferry-ipamd
+cargo build --release -p ferry -p ferry-ipamd -p ferry-ipamctl
 BIN=${FERRY_BIN_DIR:-$ROOT/target/release}
 
 ID=fyd$$

@@ -151,7 +151,7 @@ fn ferry_bin_dir() -> Result<PathBuf> {
     for name in ["ferry", "ipamd", "ipamctl"] {
         if !dir.join(name).is_file() {
             bail!(
-                "{} is missing: run `cargo build --release -p ferry -p ferry-ipamd` first (or set FERRY_BIN_DIR)",
+                "{} is missing: run `cargo build --release -p ferry -p ferry-ipamd -p ferry-ipamctl` first (or set FERRY_BIN_DIR)",
                 dir.join(name).display()
             );
         }
