@@ -358,7 +358,7 @@ impl Config {
         match LEVELS.iter().position(|l| *l == level) {
             Some(i) => {
                 let deps = LEVELS[i.min(3)];
-                format!("{deps},ipamd={level},ferry_proto={level},ipamctl={level}")
+                format!("{deps},ipamd={level},ferry_proto={level}")
             }
             None => self.log_level.clone(),
         }

@@ -347,11 +347,11 @@ fn bare_levels_keep_libraries_quiet() {
     };
     assert_eq!(
         with("debug"),
-        "info,ipamd=debug,ferry_proto=debug,ipamctl=debug"
+        "info,ipamd=debug,ferry_proto=debug"
     );
     assert_eq!(
         with("warn"),
-        "warn,ipamd=warn,ferry_proto=warn,ipamctl=warn"
+        "warn,ipamd=warn,ferry_proto=warn"
     );
     assert_eq!(with("sled=debug,ipamd=trace"), "sled=debug,ipamd=trace");
 }
