@@ -11,9 +11,9 @@ use crate::cni::config::{prev_result_addresses, prev_result_gateway};
 use crate::cni::error::code;
 use crate::cni::result::{AddResult, Wired};
 use crate::cni::{Attachment, CniError, GcRequest, Request, StatusRequest, version};
-use crate::dataplane::{Dataplane, PodLink};
 use crate::ipam::grpc::GrpcIpam;
 use crate::ipam::{IpamClient, IpamClientError, Key, Readiness};
+use ferry::dataplane::{Dataplane, PodLink};
 
 /// Runs `req` against the real ipamd and kernel; returns what goes on stdout.
 pub fn execute(req: &Request) -> Result<Option<String>, CniError> {
@@ -25,7 +25,7 @@ pub fn execute(req: &Request) -> Result<Option<String>, CniError> {
                 Duration::from_millis(conf.ipamd.timeout_ms),
             )
             .map_err(|e| CniError::new(code::IO, format!("cannot start the ipamd client: {e}")))?;
-            let dataplane = crate::dataplane::linux::LinuxDataplane::new();
+            let dataplane = ferry::dataplane::linux::LinuxDataplane::new();
             run(req, &ipam, &dataplane)?
         }
         (_, None) => return Err(CniError::new(code::INTERNAL, "request without a config")),

@@ -1,3 +1,5 @@
+mod fake_dataplane;
+
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -9,9 +11,9 @@ use serde_json::json;
 use super::*;
 use crate::cni::config::ValidAttachment;
 use crate::cni::request::parse;
-use crate::dataplane::DataplaneError;
-use crate::dataplane::fake::{Call, FakeDataplane};
 use crate::ipam::{Lease, PodInfo};
+use fake_dataplane::{Call, FakeDataplane};
+use ferry::dataplane::DataplaneError;
 
 /// An in-memory ipamd: one address per key from 10.244.0.0/24.
 #[derive(Default)]

@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use crate::dataplane::DataplaneError;
+use ferry::dataplane::DataplaneError;
 use crate::ipam::IpamClientError;
 
 /// The codes ferry uses; 1-11 are the spec's, 50/51 STATUS, 100+ ferry's own.

@@ -8,7 +8,6 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 use nix::sched::{CloneFlags, setns};
@@ -654,38 +653,5 @@ fn check_detects_drift() {
     assert!(
         matches!(err, DataplaneError::Mismatch(ref m) if m.contains("10.244.0.99/32")),
         "{err:?}"
-    );
-}
-
-/// Not a benchmark, but prints what one setup and one teardown cost here
-/// (`cargo test -p ferry timings -- --nocapture`).
-#[test]
-fn setup_and_teardown_timings() {
-    require_root();
-    let w = World::new(1);
-    let link = w.link(0, "10.244.0.12");
-    let dp = LinuxDataplane::new();
-    let (mut setups, mut teardowns) = w.node.enter(|| {
-        let mut setups = Vec::new();
-        let mut teardowns = Vec::new();
-        for _ in 0..15 {
-            let t = Instant::now();
-            dp.setup(&link).expect("setup");
-            setups.push(t.elapsed());
-            let t = Instant::now();
-            dp.teardown(&link.host_veth).expect("teardown");
-            teardowns.push(t.elapsed());
-        }
-        (setups, teardowns)
-    });
-    setups.sort();
-    teardowns.sort();
-    let p = |v: &[Duration], q: usize| v[(v.len() - 1) * q / 100];
-    eprintln!(
-        "setup p50 {:?} p90 {:?}; teardown p50 {:?} p90 {:?}",
-        p(&setups, 50),
-        p(&setups, 90),
-        p(&teardowns, 50),
-        p(&teardowns, 90)
     );
 }
