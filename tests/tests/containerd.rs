@@ -688,7 +688,7 @@ fn allocation_for(allocs: &[Value], container_id: &str) -> Option<Value> {
 // The tests
 // ---------------------------------------------------------------------------
 
-/// Issue point 5: two busybox containers, started by a real containerd with
+/// Two busybox containers, started by a real containerd with
 /// ferry (+ portmap) as the conflist, get pod IPs from ipamd, reach each other
 /// by pod IP, and leave no allocation and no `fry*` link behind once deleted.
 #[test]

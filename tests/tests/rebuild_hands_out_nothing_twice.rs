@@ -1,5 +1,5 @@
 //! After a database rebuild ipamd hands out no address twice, through the
-//! real binaries (issue 7, point 4).
+//! real binaries.
 //!
 //! A pool added at run time (`ipamctl pool add`) is lost with a damaged
 //! database, and the rebuild adopts only addresses inside configured pools.

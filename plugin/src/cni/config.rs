@@ -1,6 +1,7 @@
 //! The network configuration on stdin: the CNI fields ferry reads and its
-//! own plugin fields (CONTRACTS.md "Plugin config"). Everything else is
-//! ignored so that a field ferry never uses cannot fail a pod.
+//! own plugin fields (`ipamd.socket`, `ipamd.timeoutMs`, `mtu`, `logFile`,
+//! `logLevel`; README.md, "The conflist"). Everything else is ignored so
+//! that a field ferry never uses cannot fail a pod.
 
 use std::net::Ipv4Addr;
 use std::os::unix::ffi::OsStrExt;

@@ -84,7 +84,8 @@ impl GrpcIpam {
             })
     }
 
-    /// The one place a tonic Status becomes an IpamClientError (CONTRACTS.md).
+    /// The one place a tonic Status becomes an IpamClientError, reading the
+    /// codes ipamd's `ipam_status` (ipamd/src/grpc.rs) gives its errors.
     fn map_status(&self, s: Status) -> IpamClientError {
         // ipamd's own statuses never carry a source; one that does was made
         // on this side from a broken connection (reset mid-call, refused),
