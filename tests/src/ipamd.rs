@@ -7,6 +7,7 @@ use std::process::{ExitStatus, Output, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
+use ipnet::Ipv4Net;
 use serde_json::Value;
 
 use crate::netns::Node;
@@ -389,6 +390,14 @@ pub fn allocation_of(allocs: &[Value], container_id: &str) -> Option<Value> {
         .iter()
         .find(|a| a["containerId"].as_str() == Some(container_id))
         .cloned()
+}
+
+/// The CIDRs in `ipamctl --json blocks` output.
+pub fn block_cidrs(blocks: &[Value]) -> Vec<Ipv4Net> {
+    blocks
+        .iter()
+        .filter_map(|b| b["cidr"].as_str()?.parse::<Ipv4Net>().ok())
+        .collect()
 }
 
 /// `ipamctl --json blocks` as a list of objects.

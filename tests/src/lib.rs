@@ -53,7 +53,8 @@ pub use cni::{
     result_ips, version_at_least,
 };
 pub use ipamd::{
-    Ipamd, IpamdConfig, allocation_of, ipamctl, ipamctl_allocations, ipamctl_blocks, ipamctl_json,
+    Ipamd, IpamdConfig, allocation_of, block_cidrs, ipamctl, ipamctl_allocations, ipamctl_blocks,
+    ipamctl_json,
 };
 pub use netns::{FABRIC_PREFIX, Fabric, Netns, Node, Pod};
 pub use util::{

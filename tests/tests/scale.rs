@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
-use ferry_tests::storm::{block_cidrs, ensure_no_duplicates, new_pods, parallel, wait_node_clean};
+use ferry_tests::storm::{ensure_no_duplicates, new_pods, parallel, wait_node_clean};
 use ferry_tests::*;
 use serde_json::json;
 
