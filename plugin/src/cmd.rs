@@ -154,7 +154,7 @@ fn rollback(
 pub fn del(a: &Attachment, ipam: &dyn IpamClient, dp: &dyn Dataplane) -> Result<(), CniError> {
     let host_veth = a.host_veth();
     let key = a.key();
-    // The kernel's veth unregister (an RCU wait of ~16 ms) would dominate
+    // The kernel's veth unregister (an RCU wait of ~20 ms) would dominate
     // DEL, so ipamd deletes the host veth once the release is durable, by
     // ifindex so that a veth re-created under the same name is never hit.
     // Only the host end matters, so an empty or vanished netns is fine.
