@@ -441,38 +441,40 @@ fn del_tears_down_itself_when_an_older_ipamd_ignores_the_veth() {
     assert_eq!(dp.teardowns(), 1);
 }
 
-#[test]
-fn del_with_ipamd_unreachable_still_tears_down_and_succeeds() {
+/// DEL against an ipamd whose every call fails with `fail`: what DEL
+/// returned, and how many teardowns it made itself.
+fn del_with_ipamd_failing(fail: fn() -> IpamClientError) -> (Result<(), CniError>, usize) {
     let ipam = FakeIpam {
-        fail: Some(|| IpamClientError::Unreachable("ipamd is not reachable at /s".into())),
+        fail: Some(fail),
         ..FakeIpam::default()
     };
     let dp = FakeDataplane::new();
     let a = attachment(request("DEL", "1.0.0", NETNS, json!({})));
-    del(&a, &ipam, &dp).unwrap();
-    assert_eq!(dp.teardowns(), 1);
+    (del(&a, &ipam, &dp), dp.teardowns())
+}
+
+#[test]
+fn del_with_ipamd_unreachable_still_tears_down_and_succeeds() {
+    let (result, teardowns) = del_with_ipamd_failing(|| {
+        IpamClientError::Unreachable("ipamd is not reachable at /s".into())
+    });
+    result.unwrap();
+    assert_eq!(teardowns, 1);
 }
 
 #[test]
 fn del_with_other_ipamd_errors_fails() {
-    let ipam = FakeIpam {
-        fail: Some(|| IpamClientError::Internal("store".into())),
-        ..FakeIpam::default()
-    };
-    let a = attachment(request("DEL", "1.0.0", NETNS, json!({})));
-    assert_eq!(del(&a, &ipam, &FakeDataplane::new()).unwrap_err().code, 106);
+    let (result, _) = del_with_ipamd_failing(|| IpamClientError::Internal("store".into()));
+    assert_eq!(result.unwrap_err().code, 106);
 }
 
 #[test]
 fn del_during_a_version_skew_unplugs_and_succeeds() {
-    let ipam = FakeIpam {
-        fail: Some(|| IpamClientError::VersionMismatch("plugin 0.2.0, ipamd 0.1.0".into())),
-        ..FakeIpam::default()
-    };
-    let dp = FakeDataplane::new();
-    let a = attachment(request("DEL", "1.0.0", NETNS, json!({})));
-    del(&a, &ipam, &dp).unwrap();
-    assert_eq!(dp.teardowns(), 1);
+    let (result, teardowns) = del_with_ipamd_failing(|| {
+        IpamClientError::VersionMismatch("plugin 0.2.0, ipamd 0.1.0".into())
+    });
+    result.unwrap();
+    assert_eq!(teardowns, 1);
 }
 
 #[test]
