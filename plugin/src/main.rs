@@ -3,7 +3,6 @@
 
 mod cmd;
 mod cni;
-mod dataplane;
 mod ipam;
 
 use std::any::Any;

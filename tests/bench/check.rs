@@ -1,6 +1,6 @@
-//! Allocate latency while `ipamctl check` runs in a loop (issue 7): the
-//! check used to hold the allocator lock while it read the whole store,
-//! stalling every Allocate.
+//! Allocate latency while `ipamctl check` runs in a loop: the check used to
+//! hold the allocator lock while it read the whole store, stalling every
+//! Allocate.
 //!
 //! Three runs, each on a fresh node netns with a fresh ipamd and state dir
 //! whose store already holds `prefill` allocations (so a check has real work

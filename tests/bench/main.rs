@@ -4,6 +4,7 @@
 //! ```text
 //! sudo cargo run --release -p ferry-tests --bin bench -- [--pods 200] [--burst 100] [--allocs 5000] [--json]
 //! sudo cargo run --release -p ferry-tests --bin bench -- --only check [--check-clients 8] [--check-allocs 250] [--check-prefill 5000] [--check-gap-ms 20]
+//! sudo cargo run --release -p ferry-tests --bin bench -- --only dataplane [--dataplane-runs 50]
 //! ```
 //!
 //! The world: a fabric netns, a node netns wired to it (the harness's
@@ -18,6 +19,7 @@
 
 mod alloc;
 mod check;
+mod dataplane;
 mod report;
 mod stats;
 mod worker;
@@ -35,7 +37,7 @@ use ferry_tests::{
 };
 use serde_json::json;
 
-use crate::report::{CheckOnlyReport, Report};
+use crate::report::{CheckOnlyReport, DataplaneOnlyReport, Report};
 use crate::worker::{PluginSpec, Spec};
 
 /// Benchmark ferry's CNI plugin and ipamd against the reference plugins.
@@ -59,7 +61,8 @@ struct Args {
     #[arg(long, default_value_t = 4)]
     rounds: usize,
     /// Run only this scenario (`check`: Allocate with and without an
-    /// `ipamctl check` loop; needs no reference plugins).
+    /// `ipamctl check` loop; `dataplane`: the plugin's pod wiring alone;
+    /// neither needs the reference plugins).
     #[arg(long, value_enum)]
     only: Option<Only>,
     /// Check-loop scenario: concurrent Allocate clients.
@@ -76,6 +79,9 @@ struct Args {
     /// so that the run spans several checks (0: back to back).
     #[arg(long, default_value_t = 20)]
     check_gap_ms: u64,
+    /// Dataplane scenario: setups (each followed by its teardown) timed.
+    #[arg(long, default_value_t = 50)]
+    dataplane_runs: usize,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -91,6 +97,9 @@ struct Args {
 enum Only {
     /// Allocate latency with and without `ipamctl check` running in a loop.
     Check,
+    /// One pod's setup and teardown in the plugin's dataplane code, with no
+    /// plugin process and no ipamd.
+    Dataplane,
 }
 
 /// Set by SIGINT/SIGTERM; every step checks it and unwinds through the guards.
@@ -124,17 +133,20 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGINT, h);
         libc::signal(libc::SIGTERM, h);
     }
-    if args.only == Some(Only::Check) {
-        return match run_check_only(&args) {
-            Ok(report) => print_report(&report, args.json, CheckOnlyReport::print),
-            Err(e) => {
-                eprintln!("bench: could not run: {e:#}");
-                ExitCode::FAILURE
-            }
-        };
+    match args.only {
+        Some(Only::Check) => finish(run_check_only(&args), args.json, CheckOnlyReport::print),
+        Some(Only::Dataplane) => finish(
+            run_dataplane_only(&args),
+            args.json,
+            DataplaneOnlyReport::print,
+        ),
+        None => finish(run(&args), args.json, Report::print),
     }
-    match run(&args) {
-        Ok(report) => print_report(&report, args.json, Report::print),
+}
+
+fn finish<T: serde::Serialize>(report: Result<T>, json: bool, print: fn(&T)) -> ExitCode {
+    match report {
+        Ok(report) => print_report(&report, json, print),
         Err(e) => {
             eprintln!("bench: could not run: {e:#}");
             ExitCode::FAILURE
@@ -196,6 +208,13 @@ fn check_params(args: &Args) -> Result<check::Params> {
     })
 }
 
+fn need_root() -> Result<()> {
+    if !is_root() {
+        bail!("the bench needs root: it creates network namespaces");
+    }
+    Ok(())
+}
+
 fn tokio_runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -205,9 +224,7 @@ fn tokio_runtime() -> Result<tokio::runtime::Runtime> {
 
 /// `--only check`: a fabric and one fresh node per run, nothing else.
 fn run_check_only(args: &Args) -> Result<CheckOnlyReport> {
-    if !is_root() {
-        bail!("the bench needs root: it creates network namespaces");
-    }
+    need_root()?;
     let params = check_params(args)?;
     let bin_dir = ferry_bin_dir()?;
     let started = Instant::now();
@@ -222,10 +239,25 @@ fn run_check_only(args: &Args) -> Result<CheckOnlyReport> {
     ))
 }
 
-fn run(args: &Args) -> Result<Report> {
-    if !is_root() {
-        bail!("the bench needs root: it creates network namespaces");
+/// `--only dataplane`: a fabric, one node and one pod, no binaries.
+fn run_dataplane_only(args: &Args) -> Result<DataplaneOnlyReport> {
+    need_root()?;
+    if args.dataplane_runs == 0 {
+        bail!("--dataplane-runs must be at least 1");
     }
+    let started = Instant::now();
+    let load_average_start = load_average();
+    let fabric = Fabric::new().context("creating the fabric netns")?;
+    let times = dataplane::run(&fabric, args.dataplane_runs, &STOP)?;
+    Ok(DataplaneOnlyReport::new(
+        times,
+        started.elapsed().as_secs_f64(),
+        load_average_start,
+    ))
+}
+
+fn run(args: &Args) -> Result<Report> {
+    need_root()?;
     if args.pods == 0 || args.burst == 0 || args.allocs == 0 || args.rounds == 0 {
         bail!("--pods, --burst, --allocs and --rounds must be at least 1");
     }

@@ -4,6 +4,7 @@ use serde::Serialize;
 
 use crate::alloc::AllocLevel;
 use crate::check::{CheckLoad, CheckRun};
+use crate::dataplane::DataplaneTimes;
 use crate::worker::PluginResult;
 
 /// Sizes and memory, gathered by the orchestrator.
@@ -163,7 +164,7 @@ impl Report {
             pods,
             burst,
             allocs_per_level,
-            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            cpus: cpus(),
             elapsed_s,
             load_average_start,
             plugins,
@@ -345,7 +346,7 @@ pub struct CheckOnlyReport {
 impl CheckOnlyReport {
     pub fn new(check_load: CheckLoad, elapsed_s: f64, load_average_start: String) -> Self {
         Self {
-            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            cpus: cpus(),
             elapsed_s,
             load_average_start,
             check_load,
@@ -353,16 +354,7 @@ impl CheckOnlyReport {
     }
 
     pub fn print(&self) {
-        println!();
-        println!(
-            "ferry bench --only check: {} CPU(s), {:.0} s",
-            self.cpus, self.elapsed_s
-        );
-        println!(
-            "load average at start: {} (anything near the CPU count inflates every figure)",
-            self.load_average_start
-        );
-        println!();
+        print_part_header("check", self.cpus, self.elapsed_s, &self.load_average_start);
         print_check_load(&self.check_load);
         let errors: Vec<&String> = [
             &self.check_load.without_check,
@@ -380,6 +372,68 @@ impl CheckOnlyReport {
             }
         }
     }
+}
+
+/// `bench --only dataplane`: just that scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct DataplaneOnlyReport {
+    pub cpus: usize,
+    pub elapsed_s: f64,
+    pub load_average_start: String,
+    pub dataplane: DataplaneTimes,
+}
+
+impl DataplaneOnlyReport {
+    pub fn new(dataplane: DataplaneTimes, elapsed_s: f64, load_average_start: String) -> Self {
+        Self {
+            cpus: cpus(),
+            elapsed_s,
+            load_average_start,
+            dataplane,
+        }
+    }
+
+    pub fn print(&self) {
+        print_part_header(
+            "dataplane",
+            self.cpus,
+            self.elapsed_s,
+            &self.load_average_start,
+        );
+        let d = &self.dataplane;
+        println!(
+            "ferry's dataplane code alone, one pod set up and torn down {} times in a node netns (ms)",
+            d.runs
+        );
+        println!(
+            "  {:<10}{:>10}{:>10}{:>10}{:>10}{:>10}",
+            "", "p50", "p90", "p99", "max", "mean"
+        );
+        for (name, s) in [("setup", &d.setup), ("teardown", &d.teardown)] {
+            println!(
+                "  {name:<10}{:>10.2}{:>10.2}{:>10.2}{:>10.2}{:>10.2}",
+                s.p50_ms, s.p90_ms, s.p99_ms, s.max_ms, s.mean_ms
+            );
+        }
+        println!(
+            "  teardown deletes the host veth and waits for the kernel's veth unregister, \
+             which ferry's DEL leaves to ipamd"
+        );
+    }
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get())
+}
+
+/// The lines every `--only` report starts with.
+fn print_part_header(part: &str, cpus: usize, elapsed_s: f64, load_average_start: &str) {
+    println!();
+    println!("ferry bench --only {part}: {cpus} CPU(s), {elapsed_s:.0} s");
+    println!(
+        "load average at start: {load_average_start} (anything near the CPU count inflates every figure)"
+    );
+    println!();
 }
 
 /// The table of the check-loop scenario: no loop, status loop, check loop.

@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 
 use crate::netns::{Node, Pod};
@@ -45,6 +45,11 @@ impl CniCall {
 
     pub fn add(pod: &Pod) -> CniCall {
         Self::new("ADD", pod)
+    }
+
+    /// ADD for `pod` as a pod of Kubernetes namespace `namespace` (K8S_POD_* in CNI_ARGS).
+    pub fn add_in(pod: &Pod, namespace: &str) -> CniCall {
+        CniCall::add(pod).with_args(&k8s_args(namespace, pod.ns.name()))
     }
 
     pub fn del(pod: &Pod) -> CniCall {
@@ -438,6 +443,36 @@ impl Runtime {
             self.cache.lock().unwrap().insert(Self::key(&call), res);
         }
         Ok(out)
+    }
+
+    /// ADD that must succeed with exactly one address, which it returns.
+    pub fn add_one(
+        &self,
+        list: &Value,
+        call: &CniCall,
+        runtime_config: &Value,
+    ) -> Result<Ipv4Addr> {
+        let out = self.add(list, call, runtime_config)?;
+        ensure!(out.success(), "ADD failed: {out}");
+        match out.ips()[..] {
+            [ip] => Ok(ip),
+            _ => bail!("expected one address: {out}"),
+        }
+    }
+
+    /// [`Runtime::add_one`] of `pod`, without runtime config.
+    pub fn add_pod(&self, list: &Value, pod: &Pod) -> Result<Ipv4Addr> {
+        self.add_one(list, &CniCall::add(pod), &json!({}))
+    }
+
+    /// STATUS of the conflist's first plugin (CNI 1.1.0 sends STATUS to the
+    /// first plugin only).
+    pub fn status(&self, list: &Value) -> Result<CniOutput> {
+        let types = Self::plugin_types(list)?;
+        let first = types.first().context("empty conflist")?;
+        let conf = Self::plugin_netconf(list, 0, None, &json!({}))?;
+        self.cni
+            .exec(first, &CniCall::bare("STATUS"), conf.to_string().as_bytes())
     }
 
     /// CHECK through the chain with the cached result. Like libcni, refuses

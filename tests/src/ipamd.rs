@@ -7,10 +7,11 @@ use std::process::{ExitStatus, Output, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
+use ipnet::Ipv4Net;
 use serde_json::Value;
 
 use crate::netns::Node;
-use crate::util::{ChildGuard, bin, signal, wait_timeout, wait_until};
+use crate::util::{ChildGuard, bin, signal, tail, wait_timeout, wait_until};
 
 /// How to run ipamd. `None` leaves a flag out (ipamd's own default applies).
 #[derive(Clone, Debug)]
@@ -119,9 +120,7 @@ impl Ipamd {
 
     /// The last `n` lines of the log (for error messages).
     pub fn log_tail(&self, n: usize) -> String {
-        let log = self.log();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        tail(&self.log_path, n)
     }
 
     fn spawn(&mut self) -> Result<()> {
@@ -383,6 +382,22 @@ pub fn ipamctl_json(node: &Node, socket: &Path, args: &[&str]) -> Result<Value> 
 /// `ipamctl --json allocations` as a list of objects.
 pub fn ipamctl_allocations(node: &Node, socket: &Path) -> Result<Vec<Value>> {
     as_list(ipamctl_json(node, socket, &["allocations"])?)
+}
+
+/// The entry of `ipamctl --json allocations` for CNI container ID `container_id`.
+pub fn allocation_of(allocs: &[Value], container_id: &str) -> Option<Value> {
+    allocs
+        .iter()
+        .find(|a| a["containerId"].as_str() == Some(container_id))
+        .cloned()
+}
+
+/// The CIDRs in `ipamctl --json blocks` output.
+pub fn block_cidrs(blocks: &[Value]) -> Vec<Ipv4Net> {
+    blocks
+        .iter()
+        .filter_map(|b| b["cidr"].as_str()?.parse::<Ipv4Net>().ok())
+        .collect()
 }
 
 /// `ipamctl --json blocks` as a list of objects.

@@ -14,6 +14,8 @@
 //!   [`Runtime`] runs a whole conflist libcni-style (chaining, prevResult,
 //!   runtimeConfig by capabilities, cached ADD result for DEL/CHECK).
 //! * [`OneNode`]: fabric, node, ipamd, runtime and a ferry conflist in one.
+//! * [`containerd::Containerd`]: a private containerd in a node's namespace,
+//!   running busybox containers networked by a conflist's plugins.
 //!
 //! Nothing here touches the root network namespace: no links, addresses,
 //! routes, sysctls or firewall rules are created there. Processes are only
@@ -39,6 +41,7 @@
 //! ```
 
 mod cni;
+pub mod containerd;
 mod ipamd;
 mod netns;
 pub mod storm;
@@ -49,11 +52,14 @@ pub use cni::{
     Cni, CniCall, CniOutput, Runtime, conflist, ferry_netconf, ferry_plugin_conf, k8s_args,
     result_ips, version_at_least,
 };
-pub use ipamd::{Ipamd, IpamdConfig, ipamctl, ipamctl_allocations, ipamctl_blocks, ipamctl_json};
+pub use ipamd::{
+    Ipamd, IpamdConfig, allocation_of, block_cidrs, ipamctl, ipamctl_allocations, ipamctl_blocks,
+    ipamctl_json,
+};
 pub use netns::{FABRIC_PREFIX, Fabric, Netns, Node, Pod};
 pub use util::{
-    ChildGuard, bin, bin_dir, cni_plugin_dir, is_root, random_container_id, require_root, unique,
-    wait_until, workspace_root,
+    ChildGuard, Poll, bin, bin_dir, cni_plugin_dir, is_root, poll, random_container_id,
+    require_root, tail, unique, wait_until, workspace_root,
 };
 pub use world::OneNode;
 

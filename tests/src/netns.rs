@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::util::{random_container_id, unique};
+use crate::util::{Poll, look_every, random_container_id, unique};
 
 /// A named network namespace (`/run/netns/<name>`), deleted on drop.
 ///
@@ -112,14 +112,16 @@ impl Netns {
     /// Waits (up to `timeout`) until no `fry*` link is left and returns
     /// what is left then: ipamd deletes host veths shortly after DEL.
     pub fn ferry_links_after_del(&self, timeout: std::time::Duration) -> Result<Vec<String>> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
+        let every = std::time::Duration::from_millis(20);
+        let outcome = look_every(timeout, every, || {
             let left = self.ferry_links()?;
-            if left.is_empty() || std::time::Instant::now() >= deadline {
-                return Ok(left);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+            Ok(if left.is_empty() {
+                Poll::Ready(left)
+            } else {
+                Poll::Pending(left)
+            })
+        })?;
+        Ok(outcome.unwrap_or_else(|left| left))
     }
 
     /// Host routes (`/32`, main table) as `(destination, device)` pairs.

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use ipnet::Ipv4Net;
 use serde_json::Value;
 
 use crate::ipamd::Ipamd;
@@ -44,14 +43,6 @@ pub fn parallel<T: Send>(workers: usize, n: usize, f: impl Fn(usize) -> T + Sync
 /// `n` fresh pods (netns + container ID), created on `workers` threads.
 pub fn new_pods(n: usize, workers: usize) -> Result<Vec<Pod>> {
     parallel(workers, n, |_| Pod::new()).into_iter().collect()
-}
-
-/// The CIDRs in `ipamctl --json blocks` output.
-pub fn block_cidrs(blocks: &[Value]) -> Vec<Ipv4Net> {
-    blocks
-        .iter()
-        .filter_map(|b| b["cidr"].as_str()?.parse::<Ipv4Net>().ok())
-        .collect()
 }
 
 /// `ipamctl --json allocations` output as ip -> the container IDs holding it.

@@ -89,8 +89,37 @@ pub fn random_container_id() -> String {
         .collect()
 }
 
+/// What one look at a condition found.
+pub enum Poll<T, Seen = String> {
+    Ready(T),
+    /// Not yet; what was seen (for the timeout message).
+    Pending(Seen),
+}
+
+/// Looks every `every` until `look` is ready; `Ok(Err(seen))` with what the
+/// last look saw once `timeout` has passed. An error from `look` ends the
+/// wait at once. Every wait in the harness is one of these: never a bare sleep.
+pub(crate) fn look_every<T, Seen>(
+    timeout: Duration,
+    every: Duration,
+    mut look: impl FnMut() -> Result<Poll<T, Seen>>,
+) -> Result<Result<T, Seen>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let seen = match look()? {
+            Poll::Ready(v) => return Ok(Ok(v)),
+            Poll::Pending(seen) => seen,
+        };
+        if Instant::now() >= deadline {
+            return Ok(Err(seen));
+        }
+        std::thread::sleep(every);
+    }
+}
+
 /// Polls `f` every 50 ms until it returns `Ok(Some(v))`, or fails after
-/// `timeout` with `what` and the last error in the message.
+/// `timeout` with `what` and the last error in the message. An error from
+/// `f` is retried (the thing waited for may not answer yet).
 ///
 /// This is the only way tests wait for readiness: never a bare sleep.
 pub fn wait_until<T>(
@@ -98,22 +127,40 @@ pub fn wait_until<T>(
     timeout: Duration,
     mut f: impl FnMut() -> Result<Option<T>>,
 ) -> Result<T> {
-    let deadline = Instant::now() + timeout;
     let mut last_err = String::new();
-    loop {
+    let outcome = look_every(timeout, Duration::from_millis(50), || {
         match f() {
-            Ok(Some(v)) => return Ok(v),
+            Ok(Some(v)) => return Ok(Poll::Ready(v)),
             Ok(None) => {}
             Err(e) => last_err = format!("{e:#}"),
         }
-        if Instant::now() >= deadline {
-            if last_err.is_empty() {
-                bail!("timed out after {timeout:?} waiting for {what}");
-            }
-            bail!("timed out after {timeout:?} waiting for {what}; last error: {last_err}");
+        Ok(Poll::Pending(()))
+    })?;
+    match outcome {
+        Ok(v) => Ok(v),
+        Err(()) if last_err.is_empty() => bail!("timed out after {timeout:?} waiting for {what}"),
+        Err(()) => {
+            bail!("timed out after {timeout:?} waiting for {what}; last error: {last_err}")
         }
-        std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Looks at `f` every 50 ms until it is ready, failing after `timeout` with
+/// `what` and what the last look saw. Unlike [`wait_until`], an error from
+/// `f` is final (e.g. the process waited for has exited) and is returned at
+/// once.
+pub fn poll<T>(what: &str, timeout: Duration, f: impl FnMut() -> Result<Poll<T>>) -> Result<T> {
+    match look_every(timeout, Duration::from_millis(50), f)? {
+        Ok(v) => Ok(v),
+        Err(seen) => bail!("timed out after {timeout:?} waiting for {what}; last seen: {seen}"),
+    }
+}
+
+/// The last `n` lines of the file at `path` (empty if unreadable).
+pub fn tail(path: &Path, n: usize) -> String {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Sends `sig` to `pid` (a process we started ourselves).
@@ -122,20 +169,17 @@ pub(crate) fn signal(pid: u32, sig: libc::c_int) -> bool {
     unsafe { libc::kill(pid as libc::pid_t, sig) == 0 }
 }
 
-/// Waits for `child` up to `timeout`; `None` if it is still running.
+/// Waits for `child` up to `timeout`; `None` if it is still running (or
+/// cannot be waited for).
 pub(crate) fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return Some(status),
-            Ok(None) => {}
-            Err(_) => return None,
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let exited = look_every(timeout, Duration::from_millis(20), || {
+        Ok(match child.try_wait() {
+            Ok(Some(status)) => Poll::Ready(Some(status)),
+            Ok(None) => Poll::Pending(()),
+            Err(_) => Poll::Ready(None),
+        })
+    });
+    exited.ok().and_then(Result::ok).flatten()
 }
 
 /// Owns a child process; on drop it is SIGKILLed (by its PID) and reaped.

@@ -26,17 +26,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use ferry_tests::*;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const PODS: usize = 3;
-
-fn add(rt: &Runtime, list: &Value, pod: &Pod) -> Result<Ipv4Addr> {
-    let out = rt.add(list, &CniCall::add(pod), &json!({}))?;
-    ensure!(out.success(), "ADD failed: {out}");
-    let ips = out.ips();
-    ensure!(ips.len() == 1, "expected one address: {out}");
-    Ok(ips[0])
-}
 
 /// A node running ipamd (logging at info, as in production).
 fn start() -> Result<OneNode> {
@@ -52,7 +44,7 @@ fn add_pods(w: &OneNode) -> Result<(Vec<Pod>, Vec<Ipv4Addr>)> {
     let pods: Vec<Pod> = (0..PODS).map(|_| Pod::new()).collect::<Result<_>>()?;
     let mut ips = Vec::new();
     for pod in &pods {
-        ips.push(add(&w.rt, &w.list, pod)?);
+        ips.push(w.rt.add_pod(&w.list, pod)?);
     }
     Ok((pods, ips))
 }
@@ -135,7 +127,7 @@ fn restarts_rebuilt(what: &str, w: &mut OneNode, pods: &[Pod], ips: &[Ipv4Addr])
 
     // A new pod gets a free address.
     let newcomer = Pod::new()?;
-    let new_ip = add(rt, list, &newcomer)?;
+    let new_ip = rt.add_pod(list, &newcomer)?;
     ensure!(
         !ips.contains(&new_ip),
         "the new pod got {new_ip}, which a live pod holds ({ips:?})"
@@ -226,7 +218,7 @@ fn crash_losing_the_log_tail_is_rebuilt_from_host_veths() -> Result<()> {
         Duration::from_secs(60),
         || {
             let pod = Pod::new()?;
-            add(&w.rt, &w.list, &pod)?;
+            w.rt.add_pod(&w.list, &pod)?;
             let out = w.rt.del(&w.list, &CniCall::del(&pod), &json!({}))?;
             ensure!(out.success(), "DEL failed: {out}");
             churned += 1;

@@ -3,18 +3,11 @@
 //! down. In the last case DEL tears down the dataplane and succeeds, and
 //! ipamd's reconcile frees the address once it is back.
 
-use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use ferry_tests::*;
 use serde_json::{Value, json};
-
-fn add(rt: &Runtime, list: &Value, pod: &Pod) -> Result<Ipv4Addr> {
-    let out = rt.add(list, &CniCall::add(pod), &json!({}))?;
-    ensure!(out.success(), "ADD failed: {out}");
-    out.ips().first().copied().context("ADD returned no IP")
-}
 
 /// A veth named like ferry's, with no pod or allocation behind it: what a
 /// crash between a DEL's release and its veth delete leaves.
@@ -45,7 +38,7 @@ fn del_with_empty_or_vanished_netns_frees_everything() -> Result<()> {
     } = OneNode::start(IpamdConfig::default())?;
 
     let empty = Pod::new()?;
-    add(&rt, &list, &empty)?;
+    rt.add_pod(&list, &empty)?;
     let out = rt.del(
         &list,
         &CniCall::del(&empty).with_netns(Some("")),
@@ -64,7 +57,7 @@ fn del_with_empty_or_vanished_netns_frees_everything() -> Result<()> {
         container_id: container_id.clone(),
         ifname: ifname.clone(),
     };
-    add(&rt, &list, &vanished)?;
+    rt.add_pod(&list, &vanished)?;
     let call = CniCall::del(&vanished);
     // The runtime removed the sandbox before calling DEL.
     drop(vanished);
@@ -104,8 +97,8 @@ fn del_while_ipamd_is_down_then_reconcile_frees_the_address() -> Result<()> {
 
     let gone = Pod::new()?;
     let kept = Pod::new()?;
-    let gone_ip = add(&rt, &list, &gone)?;
-    let kept_ip = add(&rt, &list, &kept)?;
+    let gone_ip = rt.add_pod(&list, &gone)?;
+    let kept_ip = rt.add_pod(&list, &kept)?;
 
     ipamd.kill();
     let out = rt.del(&list, &CniCall::del(&gone), &json!({}))?;
@@ -202,9 +195,9 @@ fn ipamctl_gc_cleans_up_after_pods_gone_without_del() -> Result<()> {
         rt,
     } = OneNode::start(IpamdConfig::default())?;
     let kept = Pod::new()?;
-    let kept_ip = add(&rt, &list, &kept)?;
+    let kept_ip = rt.add_pod(&list, &kept)?;
     let lost = Pod::new()?;
-    let lost_ip = add(&rt, &list, &lost)?;
+    let lost_ip = rt.add_pod(&list, &lost)?;
     // The pod's netns goes without a DEL (a crash, a reboot): its veth with
     // it, once the kernel has cleaned the namespace up.
     let lost_veth = lost.host_veth();
@@ -289,7 +282,7 @@ fn reconcile_and_gc_leave_links_that_only_look_like_ferrys_alone() -> Result<()>
     })?;
     // A live pod: reconcile acts only while it sees a ferry veth at all.
     let pod = Pod::new()?;
-    add(&rt, &list, &pod)?;
+    rt.add_pod(&list, &pod)?;
     node.ns.ip(&["link", "add", "frybr0", "type", "bridge"])?;
     node.ns.ip(&[
         "link",

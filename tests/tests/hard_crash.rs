@@ -1,4 +1,4 @@
-//! Hard crash (issue 3, point 10): ipamd is SIGKILLed 50 times, at random
+//! Hard crash: ipamd is SIGKILLed 50 times, at random
 //! moments, during a storm of 1,000 ADD and DEL operations (new pods, DELs
 //! of added ones, re-ADDs of deleted ones; 8 workers), and restarted after
 //! each kill.

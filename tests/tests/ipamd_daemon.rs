@@ -26,12 +26,6 @@ fn health(socket: &std::path::Path) -> Result<ServingStatus> {
     })
 }
 
-fn add(rt: &Runtime, list: &Value, pod: &Pod) -> Result<String> {
-    let out = rt.add(list, &CniCall::add(pod), &json!({}))?;
-    ensure!(out.success(), "ADD failed: {out}");
-    Ok(out.ips().first().context("no IP")?.to_string())
-}
-
 #[test]
 fn socket_health_ipamctl_status_gc_and_sigterm() -> Result<()> {
     require_root();
@@ -72,7 +66,7 @@ fn socket_health_ipamctl_status_gc_and_sigterm() -> Result<()> {
     let pods: Vec<Pod> = (0..3).map(|_| Pod::new()).collect::<Result<_>>()?;
     let ips: Vec<String> = pods
         .iter()
-        .map(|p| add(&rt, &list, p))
+        .map(|p| Ok(rt.add_pod(&list, p)?.to_string()))
         .collect::<Result<_>>()?;
 
     let st: Value = ipamd.ipamctl_json(&["status"])?;
@@ -183,7 +177,7 @@ fn status_answers_51_when_the_pool_is_exhausted() -> Result<()> {
     );
     let pods: Vec<Pod> = (0..2).map(|_| Pod::new()).collect::<Result<_>>()?;
     for pod in &pods {
-        add(&rt, &list, pod)?;
+        rt.add_pod(&list, pod)?;
     }
     let status = cni.ferry(&CniCall::bare("STATUS"), &netconf)?;
     ensure!(

@@ -9,18 +9,9 @@ use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result, ensure};
 use ferry_tests::*;
-use ipnet::Ipv4Net;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const PODS: usize = 20;
-
-/// The CIDRs of the node's blocks, from `ipamctl --json blocks`.
-fn block_cidrs(blocks: &[Value]) -> Vec<Ipv4Net> {
-    blocks
-        .iter()
-        .filter_map(|b| b["cidr"].as_str()?.parse::<Ipv4Net>().ok())
-        .collect()
-}
 
 #[test]
 fn one_node_twenty_pods() -> Result<()> {

@@ -26,26 +26,12 @@ fn list_with_capabilities(w: &OneNode) -> Value {
     conflist("1.1.0", "ferry-e2e", vec![plugin])
 }
 
-/// ADD for `pod` as a pod of Kubernetes namespace `ns`.
-fn call_in(pod: &Pod, ns: &str) -> CniCall {
-    CniCall::add(pod).with_args(&k8s_args(ns, pod.ns.name()))
-}
-
 fn annotation(pool: &str) -> Value {
     json!({"io.kubernetes.cri.pod-annotations": {"ferry.dev/pool": pool}})
 }
 
 fn net(s: &str) -> Ipv4Net {
     s.parse().expect("a CIDR")
-}
-
-/// ADD that must succeed; returns the pod's one address.
-fn add_ok(rt: &Runtime, list: &Value, call: &CniCall, rc: &Value) -> Result<Ipv4Addr> {
-    let out = rt.add(list, call, rc)?;
-    ensure!(out.success(), "ADD failed: {out}");
-    let ips = out.ips();
-    ensure!(ips.len() == 1, "expected one address: {out}");
-    Ok(ips[0])
 }
 
 /// The pool ipamd recorded for `ip`.
@@ -140,18 +126,24 @@ fn selection_order_and_requested_address_errors() -> Result<()> {
     let pods: Vec<Pod> = (0..6).map(|_| Pod::new()).collect::<Result<_>>()?;
 
     // 4. No hint at all: the default pool.
-    let ip = add_ok(&w.rt, &list, &call_in(&pods[0], "elsewhere"), &none)?;
+    let ip =
+        w.rt.add_one(&list, &CniCall::add_in(&pods[0], "elsewhere"), &none)?;
     ensure!(net("10.244.0.0/28").contains(&ip), "default pod got {ip}");
     ensure!(pool_of(&w.ipamd, ip)? == "default");
 
     // 3. The pool listing the pod's namespace.
-    let ip = add_ok(&w.rt, &list, &call_in(&pods[1], "blue"), &none)?;
+    let ip =
+        w.rt.add_one(&list, &CniCall::add_in(&pods[1], "blue"), &none)?;
     ensure!(net("10.50.0.0/28").contains(&ip), "blue pod got {ip}");
     ensure!(pool_of(&w.ipamd, ip)? == "blue");
     let blue_ip = ip;
 
     // 2. The annotation beats the namespace.
-    let ip = add_ok(&w.rt, &list, &call_in(&pods[2], "blue"), &annotation("red"))?;
+    let ip = w.rt.add_one(
+        &list,
+        &CniCall::add_in(&pods[2], "blue"),
+        &annotation("red"),
+    )?;
     ensure!(net("10.60.0.0/28").contains(&ip), "annotated pod got {ip}");
     ensure!(pool_of(&w.ipamd, ip)? == "red");
 
@@ -160,7 +152,8 @@ fn selection_order_and_requested_address_errors() -> Result<()> {
         "ips": ["10.244.0.9/32"],
         "io.kubernetes.cri.pod-annotations": {"ferry.dev/pool": "red"}
     });
-    let ip = add_ok(&w.rt, &list, &call_in(&pods[3], "blue"), &rc)?;
+    let ip =
+        w.rt.add_one(&list, &CniCall::add_in(&pods[3], "blue"), &rc)?;
     ensure!(
         ip == "10.244.0.9".parse::<Ipv4Addr>()?,
         "runtimeConfig ips gave {ip}"
@@ -168,23 +161,23 @@ fn selection_order_and_requested_address_errors() -> Result<()> {
     ensure!(pool_of(&w.ipamd, ip)? == "default");
 
     // ... CNI_ARGS IP= ...
-    let call =
-        call_in(&pods[4], "blue").with_args(&format!("{};IP=10.60.0.6", k8s_args("blue", "p4")));
-    let ip = add_ok(&w.rt, &list, &call, &annotation("blue"))?;
+    let call = CniCall::add_in(&pods[4], "blue")
+        .with_args(&format!("{};IP=10.60.0.6", k8s_args("blue", "p4")));
+    let ip = w.rt.add_one(&list, &call, &annotation("blue"))?;
     ensure!(ip == "10.60.0.6".parse::<Ipv4Addr>()?, "IP= gave {ip}");
     ensure!(pool_of(&w.ipamd, ip)? == "red");
 
     // ... and args.cni.ips in the network config.
     let mut conf = Runtime::plugin_netconf(&list, 0, None, &none)?;
     conf["args"] = json!({"cni": {"ips": ["10.50.0.9"]}});
-    let out = w.rt.cni.ferry(&call_in(&pods[5], "red"), &conf)?;
+    let out = w.rt.cni.ferry(&CniCall::add_in(&pods[5], "red"), &conf)?;
     ensure!(out.success(), "ADD with args.cni.ips failed: {out}");
     ensure!(out.ips() == ["10.50.0.9".parse::<Ipv4Addr>()?], "{out}");
     ensure!(pool_of(&w.ipamd, out.ips()[0])? == "blue");
 
     // A taken address: code 101, naming the address and its pool.
     let taken = Pod::new()?;
-    let call = call_in(&taken, "elsewhere")
+    let call = CniCall::add_in(&taken, "elsewhere")
         .with_args(&format!("{};IP={blue_ip}", k8s_args("elsewhere", "t")));
     let out = w.rt.add(&list, &call, &none)?;
     ensure!(out.error_code() == Some(101), "taken address: {out}");
@@ -196,7 +189,7 @@ fn selection_order_and_requested_address_errors() -> Result<()> {
     // An address outside every pool: code 7, saying so.
     let out = w.rt.add(
         &list,
-        &call_in(&taken, "x"),
+        &CniCall::add_in(&taken, "x"),
         &json!({"ips": ["192.168.200.5"]}),
     )?;
     ensure!(out.error_code() == Some(7), "foreign address: {out}");
@@ -211,7 +204,7 @@ fn selection_order_and_requested_address_errors() -> Result<()> {
 
     // An unknown pool in the annotation is a config error naming it.
     let out =
-        w.rt.add(&list, &call_in(&taken, "x"), &annotation("nope"))?;
+        w.rt.add(&list, &CniCall::add_in(&taken, "x"), &annotation("nope"))?;
     ensure!(
         out.error_code() == Some(7) && out.msg().contains("nope"),
         "{out}"
@@ -347,7 +340,8 @@ fn pool_add_rm_ls_through_ipamctl_survive_restarts() -> Result<()> {
 
     // The new pool serves its namespace at once.
     let pod = Pod::new()?;
-    let ip = add_ok(&w.rt, &list, &call_in(&pod, "lime"), &json!({}))?;
+    let ip =
+        w.rt.add_one(&list, &CniCall::add_in(&pod, "lime"), &json!({}))?;
     ensure!(net("10.70.0.0/28").contains(&ip), "lime pod got {ip}");
 
     // Removal while in use is refused with the count; a configured pool is
@@ -402,7 +396,8 @@ fn pool_add_rm_ls_through_ipamctl_survive_restarts() -> Result<()> {
     );
     ensure!(pool_json(&pools, "red").is_ok());
     let pod = Pod::new()?;
-    let ip = add_ok(&w.rt, &list, &call_in(&pod, "lime"), &json!({}))?;
+    let ip =
+        w.rt.add_one(&list, &CniCall::add_in(&pod, "lime"), &json!({}))?;
     ensure!(
         net("10.244.0.0/28").contains(&ip),
         "lime now belongs to the default pool: {ip}"
@@ -445,7 +440,7 @@ fn blocks_are_claimed_when_full_and_given_back_when_idle() -> Result<()> {
     // The first /30 holds 3 usable addresses (.0 is the pool's network).
     let mut ips = Vec::new();
     for pod in &pods[..3] {
-        ips.push(add_ok(&w.rt, &list, &CniCall::add(pod), &none)?);
+        ips.push(w.rt.add_one(&list, &CniCall::add(pod), &none)?);
     }
     ensure!(
         blocks(&w.ipamd)? == [(first, 3, 3)],
@@ -466,7 +461,7 @@ fn blocks_are_claimed_when_full_and_given_back_when_idle() -> Result<()> {
             Ok((v["state"] == "free").then_some(()))
         },
     )?;
-    let ip = add_ok(&w.rt, &list, &CniCall::add(&pods[3]), &none)?;
+    let ip = w.rt.add_one(&list, &CniCall::add(&pods[3]), &none)?;
     ensure!(ip == ips[1], "got {ip}, not the freed {}", ips[1]);
     ensure!(
         blocks(&w.ipamd)? == [(first, 3, 3)],
@@ -475,7 +470,7 @@ fn blocks_are_claimed_when_full_and_given_back_when_idle() -> Result<()> {
     );
 
     // Full: the next pod claims a second block.
-    let ip = add_ok(&w.rt, &list, &CniCall::add(&pods[4]), &none)?;
+    let ip = w.rt.add_one(&list, &CniCall::add(&pods[4]), &none)?;
     let second = net("10.244.0.4/30");
     ensure!(second.contains(&ip), "fifth pod got {ip}");
     ensure!(
@@ -527,7 +522,8 @@ fn a_pool_dropped_from_the_file_while_in_use_stays_until_pool_rm() -> Result<()>
     let mut w = small_world(POOLS_TOML, &[], 1)?;
     let list = list_with_capabilities(&w);
     let pod = Pod::new()?;
-    let ip = add_ok(&w.rt, &list, &call_in(&pod, "blue"), &json!({}))?;
+    let ip =
+        w.rt.add_one(&list, &CniCall::add_in(&pod, "blue"), &json!({}))?;
     ensure!(net("10.50.0.0/28").contains(&ip), "blue pod got {ip}");
 
     // The operator drops both pools from the file: red is empty and goes,
@@ -572,14 +568,13 @@ fn exhaustion_status_and_recovery() -> Result<()> {
     })?;
     let list = list_with_capabilities(&w);
     let none = json!({});
-    let conf = Runtime::plugin_netconf(&list, 0, None, &none)?;
-    let status = |w: &OneNode| w.rt.cni.ferry(&CniCall::bare("STATUS"), &conf);
+    let status = |w: &OneNode| w.rt.status(&list);
 
     let out = status(&w)?;
     ensure!(out.success(), "STATUS of a fresh node: {out}");
     let pods: Vec<Pod> = (0..7).map(|_| Pod::new()).collect::<Result<_>>()?;
     for pod in &pods[..6] {
-        add_ok(&w.rt, &list, &CniCall::add(pod), &none)?;
+        w.rt.add_one(&list, &CniCall::add(pod), &none)?;
     }
     let out = w.rt.add(&list, &CniCall::add(&pods[6]), &none)?;
     ensure!(out.error_code() == Some(100), "ADD into a full pool: {out}");
@@ -603,7 +598,7 @@ fn exhaustion_status_and_recovery() -> Result<()> {
     );
     ensure!(out.msg().contains("pool default"), "{}", out.msg());
     let blue_pod = Pod::new()?;
-    add_ok(&w.rt, &list, &call_in(&blue_pod, "blue"), &none)?;
+    w.rt.add_one(&list, &CniCall::add_in(&blue_pod, "blue"), &none)?;
 
     // Freeing one address: usable again once it has cooled down.
     let out = w.rt.del(&list, &CniCall::del(&pods[0]), &none)?;
@@ -621,7 +616,7 @@ fn exhaustion_status_and_recovery() -> Result<()> {
             Ok(out.success().then_some(()))
         },
     )?;
-    add_ok(&w.rt, &list, &CniCall::add(&pods[6]), &none)?;
+    w.rt.add_one(&list, &CniCall::add(&pods[6]), &none)?;
 
     // ipamd down: STATUS 50, naming the socket.
     w.ipamd.kill();
@@ -660,10 +655,10 @@ fn gc_releases_what_is_not_valid_and_removes_its_veths() -> Result<()> {
     let mut ips = Vec::new();
     let first_add = std::time::Instant::now();
     for pod in &pods {
-        ips.push(add_ok(&w.rt, &list, &CniCall::add(pod), &none)?);
+        ips.push(w.rt.add_one(&list, &CniCall::add(pod), &none)?);
     }
     let bystander = Pod::new()?;
-    add_ok(&w.rt, &other, &CniCall::add(&bystander), &none)?;
+    w.rt.add_one(&other, &CniCall::add(&bystander), &none)?;
 
     let mut conf = Runtime::plugin_netconf(&list, 0, None, &none)?;
     conf["cni.dev/valid-attachments"] =

@@ -1,4 +1,4 @@
-//! Reboot (issue 3, point 6): the node goes down hard with pods on it and
+//! Reboot: the node goes down hard with pods on it and
 //! comes back without them, and no runtime ever calls DEL. ipamd must notice
 //! by itself (reconcile: the pod's host veth and its netns path are both
 //! gone, two looks a grace period apart) and free every leaked address.

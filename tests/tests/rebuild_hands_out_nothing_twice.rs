@@ -1,5 +1,5 @@
 //! After a database rebuild ipamd hands out no address twice, through the
-//! real binaries (issue 7, point 4).
+//! real binaries.
 //!
 //! A pool added at run time (`ipamctl pool add`) is lost with a damaged
 //! database, and the rebuild adopts only addresses inside configured pools.
@@ -10,32 +10,13 @@
 //! back addresses freed just before it: until the cooldown has passed since
 //! the rebuild, no new address is handed out (ADD answers 11, STATUS 50).
 
-use std::net::Ipv4Addr;
-
 use anyhow::{Context, Result, ensure};
 use ferry_tests::*;
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// Long enough for the checks made during the hold after the rebuild.
 const COOLDOWN_SECS: u64 = 8;
 const TEAM_CIDR: &str = "10.250.0.0/24";
-
-fn add_in(rt: &Runtime, list: &Value, pod: &Pod, ns: &str) -> Result<Ipv4Addr> {
-    let out = rt.add(
-        list,
-        &CniCall::add(pod).with_args(&k8s_args(ns, pod.ns.name())),
-        &json!({}),
-    )?;
-    ensure!(out.success(), "ADD in {ns} failed: {out}");
-    let ips = out.ips();
-    ensure!(ips.len() == 1, "expected one address: {out}");
-    Ok(ips[0])
-}
-
-fn cni_status(rt: &Runtime, list: &Value) -> Result<CniOutput> {
-    let conf = Runtime::plugin_netconf(list, 0, None, &json!({}))?;
-    rt.cni.ferry(&CniCall::bare("STATUS"), &conf)
-}
 
 #[test]
 fn a_rebuilt_database_hands_out_no_live_or_cooling_address() -> Result<()> {
@@ -55,7 +36,7 @@ fn a_rebuilt_database_hands_out_no_live_or_cooling_address() -> Result<()> {
     let team: Vec<Pod> = (0..3).map(|_| Pod::new()).collect::<Result<_>>()?;
     let mut team_ips = Vec::new();
     for pod in &team {
-        team_ips.push(add_in(&rt, &list, pod, "team")?);
+        team_ips.push(rt.add_one(&list, &CniCall::add_in(pod, "team"), &json!({}))?);
     }
     ensure!(
         team_ips.iter().all(|ip| TEAM_CIDR
@@ -90,7 +71,7 @@ fn a_rebuilt_database_hands_out_no_live_or_cooling_address() -> Result<()> {
         "ADD right after the rebuild: {out}\nipamd log:\n{}",
         ipamd.log_tail(30)
     );
-    let status = cni_status(&rt, &list)?;
+    let status = rt.status(&list)?;
     ensure!(
         status.error_code() == Some(50) && status.msg().contains("held"),
         "STATUS right after the rebuild: {status}"
@@ -146,10 +127,10 @@ fn a_rebuilt_database_hands_out_no_live_or_cooling_address() -> Result<()> {
     wait_until(
         "STATUS to succeed once the cooldown has passed",
         std::time::Duration::from_secs(COOLDOWN_SECS + 20),
-        || Ok(cni_status(&rt, &list)?.success().then_some(())),
+        || Ok(rt.status(&list)?.success().then_some(())),
     )?;
     let fresh = Pod::new()?;
-    let ip = add_in(&rt, &list, &fresh, "team")?;
+    let ip = rt.add_one(&list, &CniCall::add_in(&fresh, "team"), &json!({}))?;
     ensure!(
         !live_ips.contains(&ip),
         "a new team pod got {ip}, which a live pod holds ({live_ips:?})"

@@ -1,5 +1,5 @@
-//! Scale (issue 3, point 9): 250 pods on one node, through the real plugin
-//! binary as a runtime calls it, 8 calls at a time.
+//! Scale: 250 pods on one node, through the real plugin binary as a runtime
+//! calls it, 8 calls at a time.
 //!
 //! What a user checks: every ADD, CHECK and DEL succeeds; the 250 addresses
 //! are unique and inside the node's blocks; afterwards nothing is left (no
@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
-use ferry_tests::storm::{block_cidrs, ensure_no_duplicates, new_pods, parallel, wait_node_clean};
+use ferry_tests::storm::{ensure_no_duplicates, new_pods, parallel, wait_node_clean};
 use ferry_tests::*;
 use serde_json::json;
 

@@ -1,11 +1,11 @@
 //! CNI errors: `{cniVersion, code, msg, details}` on stdout with a non-zero
-//! exit. Every ipamd and dataplane error becomes a code here, once
-//! (CONTRACTS.md "gRPC error mapping ... and CNI codes").
+//! exit. Every ipamd and dataplane error becomes a code here, once; README.md
+//! ("Error codes") documents each code.
 
 use serde::Serialize;
 
-use crate::dataplane::DataplaneError;
 use crate::ipam::IpamClientError;
+use ferry::dataplane::DataplaneError;
 
 /// The codes ferry uses; 1-11 are the spec's, 50/51 STATUS, 100+ ferry's own.
 pub mod code {

@@ -1,5 +1,5 @@
 //! Fuzzing the plugin's front door: CNI_* environment + stdin -> [`Request`]
-//! or [`CniError`] (issue 3, point 11).
+//! or [`CniError`].
 //!
 //! Two properties, over random inputs and over valid requests (every verb,
 //! every cniVersion) mutated at the JSON, byte and environment level:
@@ -448,7 +448,7 @@ fn mutate(mut env: Env, mut conf: Value, muts: &[Mutation]) -> (Env, Vec<u8>) {
 }
 
 fn allowed_code(code: u32) -> bool {
-    // Spec codes, then ferry's documented ones (CONTRACTS.md).
+    // Spec codes, then ferry's own (`code` in error.rs).
     matches!(code, 1..=7 | 11 | 100..=107)
 }
 

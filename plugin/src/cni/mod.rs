@@ -20,7 +20,8 @@
 //!     `sandbox` (so a host interface gets `"sandbox":""`) and prints MACs in
 //!     upper case; a chained `prevResult` is kept as raw JSON so fields the
 //!     crate does not know (1.1.0 route `table`, interface `mtu`...) survive;
-//!   - errors (`error.rs`): ferry's codes (CONTRACTS.md), not the crate's.
+//!   - errors (`error.rs`): ferry's codes (README.md, "Error codes"), not
+//!     the crate's.
 
 pub mod args;
 pub mod config;

@@ -1,12 +1,12 @@
-//! The pod's side of the dataplane (DESIGN §2) behind a narrow trait, so
-//! `cmd.rs` can be tested with a recording fake.
+//! The pod's side of the dataplane (its veth pair, addresses, routes and
+//! gateway neighbour) behind a narrow trait, so that `cmd.rs` can be tested
+//! with a recording fake.
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use ipnet::Ipv4Net;
 
-pub mod fake;
 pub mod linux;
 
 /// Everything needed to wire one pod attachment.

@@ -8,7 +8,6 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 use nix::sched::{CloneFlags, setns};
@@ -18,13 +17,13 @@ use crate::dataplane::{Dataplane, DataplaneError, PodLink};
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
-fn privileged() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        true
-    } else {
-        eprintln!("skipped: needs root to create network namespaces");
-        false
-    }
+/// Panics unless we are root: a test that cannot make its namespaces must
+/// fail, not pass having tested nothing.
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this dataplane test needs root (it creates network namespaces): run cargo test -p ferry as root"
+    );
 }
 
 /// A named netns (`ip netns add`), deleted on drop even when the test fails.
@@ -182,9 +181,7 @@ fn mac(bytes: [u8; 6]) -> String {
 
 #[test]
 fn setup_wires_both_sides() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let w = World::new(1);
     let link = w.link(0, "10.244.0.2");
     let dp = LinuxDataplane::new();
@@ -248,9 +245,7 @@ fn setup_wires_both_sides() {
 
 #[test]
 fn two_pods_ping_each_other_through_the_node() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let w = World::new(2);
     let a = w.link(0, "10.244.0.2");
     let b = w.link(1, "10.244.0.3");
@@ -280,9 +275,7 @@ fn two_pods_ping_each_other_through_the_node() {
 /// neighbour entry for the gateway gets the first packet out.
 #[test]
 fn pods_reach_each_other_on_a_node_without_a_default_route() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let w = World::without_default_route(3);
     let ips = ["10.244.0.2", "10.244.0.3", "10.244.0.4"];
     let dp = LinuxDataplane::new();
@@ -309,9 +302,7 @@ fn pods_reach_each_other_on_a_node_without_a_default_route() {
 
 #[test]
 fn stale_host_veth_is_replaced() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let w = World::new(1);
     let link = w.link(0, "10.244.0.4");
     // Left over from an earlier ADD whose pod netns is long gone.
@@ -336,9 +327,7 @@ fn stale_host_veth_is_replaced() {
 
 #[test]
 fn a_released_attachments_live_pair_is_replaced_only_for_a_fresh_address() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let w = World::new(1);
     let dp = LinuxDataplane::new();
     let old = w.link(0, "10.244.0.20");
@@ -368,9 +357,7 @@ fn a_released_attachments_live_pair_is_replaced_only_for_a_fresh_address() {
 
 #[test]
 fn a_pair_routing_another_lease_is_replaced_when_the_created_flag_was_lost() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let w = World::new(1);
     let dp = LinuxDataplane::new();
     let old = w.link(0, "10.244.0.25");
@@ -394,9 +381,7 @@ fn a_pair_routing_another_lease_is_replaced_when_the_created_flag_was_lost() {
 
 #[test]
 fn add_waits_for_another_attachments_departing_pair() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let w = World::new(1);
     let dp = LinuxDataplane::new();
     let old = w.link(0, "10.244.0.30");
@@ -422,9 +407,7 @@ fn add_waits_for_another_attachments_departing_pair() {
 
 #[test]
 fn existing_pod_interface_is_an_error_and_left_alone() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let w = World::new(1);
     let link = w.link(0, "10.244.0.5");
     w.pods[0].ip(&["link", "add", "eth0", "type", "bridge"]);
@@ -441,9 +424,7 @@ fn existing_pod_interface_is_an_error_and_left_alone() {
 
 #[test]
 fn repeated_setup_of_a_live_attachment_leaves_it_intact() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let w = World::new(1);
     let link = w.link(0, "10.244.0.6");
     let dp = LinuxDataplane::new();
@@ -468,9 +449,7 @@ fn repeated_setup_of_a_live_attachment_leaves_it_intact() {
 
 #[test]
 fn missing_netns_is_reported() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let w = World::new(0);
     let mut link = w.link_without_pod("10.244.0.6");
     link.netns = PathBuf::from("/run/netns/fyd-does-not-exist");
@@ -499,9 +478,7 @@ impl World {
 
 #[test]
 fn failed_setup_leaves_nothing_behind() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let w = World::new(1);
     let mut link = w.link(0, "10.244.0.7");
     // The same address twice: the second add fails after the veth exists.
@@ -518,9 +495,7 @@ fn failed_setup_leaves_nothing_behind() {
 
 #[test]
 fn teardown_twice_is_ok() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let w = World::new(1);
     let link = w.link(0, "10.244.0.8");
     let dp = LinuxDataplane::new();
@@ -539,9 +514,7 @@ fn teardown_twice_is_ok() {
 
 #[test]
 fn host_link_index_finds_the_host_veth_until_it_is_gone() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let w = World::new(1);
     let link = w.link(0, "10.244.0.9");
     let dp = LinuxDataplane::new();
@@ -565,9 +538,7 @@ fn host_link_index_finds_the_host_veth_until_it_is_gone() {
 
 #[test]
 fn teardown_with_netns_gone_or_absent_is_ok() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let w = World::new(2);
     let dp = LinuxDataplane::new();
 
@@ -597,9 +568,7 @@ fn teardown_with_netns_gone_or_absent_is_ok() {
 
 #[test]
 fn teardown_leaves_a_pod_interface_without_our_host_end_alone() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let w = World::new(1);
     let dp = LinuxDataplane::new();
     // Someone else's veth pair inside the pod, named like ours would be.
@@ -616,9 +585,7 @@ fn teardown_leaves_a_pod_interface_without_our_host_end_alone() {
 
 #[test]
 fn check_detects_drift() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let w = World::new(1);
     let link = w.link(0, "10.244.0.11");
     let dp = LinuxDataplane::new();
@@ -686,40 +653,5 @@ fn check_detects_drift() {
     assert!(
         matches!(err, DataplaneError::Mismatch(ref m) if m.contains("10.244.0.99/32")),
         "{err:?}"
-    );
-}
-
-/// Not a benchmark, but prints what one setup and one teardown cost here
-/// (`cargo test -p ferry timings -- --nocapture`).
-#[test]
-fn setup_and_teardown_timings() {
-    if !privileged() {
-        return;
-    }
-    let w = World::new(1);
-    let link = w.link(0, "10.244.0.12");
-    let dp = LinuxDataplane::new();
-    let (mut setups, mut teardowns) = w.node.enter(|| {
-        let mut setups = Vec::new();
-        let mut teardowns = Vec::new();
-        for _ in 0..15 {
-            let t = Instant::now();
-            dp.setup(&link).expect("setup");
-            setups.push(t.elapsed());
-            let t = Instant::now();
-            dp.teardown(&link.host_veth).expect("teardown");
-            teardowns.push(t.elapsed());
-        }
-        (setups, teardowns)
-    });
-    setups.sort();
-    teardowns.sort();
-    let p = |v: &[Duration], q: usize| v[(v.len() - 1) * q / 100];
-    eprintln!(
-        "setup p50 {:?} p90 {:?}; teardown p50 {:?} p90 {:?}",
-        p(&setups, 50),
-        p(&setups, 90),
-        p(&teardowns, 50),
-        p(&teardowns, 90)
     );
 }

@@ -1,11 +1,9 @@
 //! A recording Dataplane for unit tests of cmd.rs: every call is logged,
 //! and each operation can be told to fail.
 
-#![cfg_attr(not(test), allow(dead_code))]
-
 use std::sync::Mutex;
 
-use super::{Attached, Dataplane, DataplaneError, PodLink};
+use ferry::dataplane::{Attached, Dataplane, DataplaneError, PodLink};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Call {
