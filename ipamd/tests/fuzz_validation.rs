@@ -22,16 +22,13 @@ use std::time::Duration;
 use ferry_proto::v1 as pb;
 use ferry_proto::v1::ipam_admin_server::IpamAdmin;
 use ferry_proto::v1::ipam_server::Ipam as IpamRpc;
-use futures::future::BoxFuture;
 use ipamd::cluster::local::LocalCluster;
 use ipamd::grpc::{AdminService, IpamService};
 use ipamd::ipam::{Ipam, IpamOptions};
 use ipamd::model::PoolSpec;
-use ipamd::node::scan::VethAddress;
-use ipamd::node::{BlockRoutes, HostLink, HostLinks, NodeError};
+use ipamd::node::fake::FakeHost;
 use ipamd::reconcile::Reconciler;
 use ipamd::store::memory::MemoryStore;
-use ipnet::Ipv4Net;
 use proptest::prelude::*;
 use proptest::test_runner::{TestCaseError, TestRunner};
 use tonic::{Code, Request, Status};
@@ -52,42 +49,6 @@ const DOCUMENTED: [Code; 6] = [
     Code::NotFound,
     Code::Aborted,
 ];
-
-/// Host stand-in: no veths, routes kept in memory (never the real netns).
-#[derive(Default)]
-struct NoHost {
-    routes: std::sync::Mutex<Vec<Ipv4Net>>,
-}
-
-impl HostLinks for NoHost {
-    fn fry_links(&self) -> BoxFuture<'_, Result<Vec<HostLink>, NodeError>> {
-        Box::pin(async { Ok(Vec::new()) })
-    }
-    fn delete_link<'a>(&'a self, _link: &'a HostLink) -> BoxFuture<'a, Result<bool, NodeError>> {
-        Box::pin(async { Ok(false) })
-    }
-    fn veth_addresses(&self) -> BoxFuture<'_, Result<Vec<VethAddress>, NodeError>> {
-        Box::pin(async { Ok(Vec::new()) })
-    }
-}
-
-impl BlockRoutes for NoHost {
-    fn add_blackhole(&self, block: Ipv4Net) -> BoxFuture<'_, Result<(), NodeError>> {
-        let mut r = self.routes.lock().unwrap();
-        if !r.contains(&block) {
-            r.push(block);
-        }
-        Box::pin(async { Ok(()) })
-    }
-    fn remove_blackhole(&self, block: Ipv4Net) -> BoxFuture<'_, Result<(), NodeError>> {
-        self.routes.lock().unwrap().retain(|b| *b != block);
-        Box::pin(async { Ok(()) })
-    }
-    fn blackholes(&self) -> BoxFuture<'_, Result<Vec<Ipv4Net>, NodeError>> {
-        let r = self.routes.lock().unwrap().clone();
-        Box::pin(async move { Ok(r) })
-    }
-}
 
 struct World {
     rt: tokio::runtime::Runtime,
@@ -120,7 +81,8 @@ impl World {
                     .await
                     .unwrap(),
             );
-            let host = Arc::new(NoHost::default());
+            // In memory: never the real netns.
+            let host = Arc::new(FakeHost::default());
             let rec = Arc::new(Reconciler::new(
                 ipam.clone(),
                 host,
@@ -186,7 +148,7 @@ fn nasty() -> impl Strategy<Value = String> {
 }
 
 fn client_version() -> impl Strategy<Value = String> {
-    let v = ferry_proto::CLIENT_VERSION;
+    let v = ferry_proto::PROTOCOL_VERSION;
     prop_oneof![
         12 => Just(v.to_string()),
         1 => Just(format!("{v}-rc1")),
@@ -476,7 +438,7 @@ fn call(w: &World, req: &Req) -> Result<Option<Code>, TestCaseError> {
     });
     let outcome = outcome.map_err(|e| TestCaseError::fail(format!("{}: {e}", req.name())))?;
     let compatible =
-        ferry_proto::versions_compatible(req.client_version(), ferry_proto::CLIENT_VERSION);
+        ferry_proto::versions_compatible(req.client_version(), ferry_proto::PROTOCOL_VERSION);
     match outcome {
         Ok(()) => {
             prop_assert!(
@@ -653,7 +615,7 @@ fn admin_requests_are_validated_into_documented_codes() {
 #[test]
 fn oversized_fields_are_refused_naming_the_field_before_anything_is_stored() {
     let w = World::new();
-    let v = ferry_proto::CLIENT_VERSION.to_string();
+    let v = ferry_proto::PROTOCOL_VERSION.to_string();
     let key = |container_id: String| pb::AllocationKey {
         network: "ferry".into(),
         container_id,
