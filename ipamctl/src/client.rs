@@ -63,7 +63,7 @@ impl Ipamd {
 pub trait Rpc {
     type Reply;
 
-    /// Stamps [`ferry_proto::CLIENT_VERSION`] on the request (ipamd refuses
+    /// Stamps [`ferry_proto::PROTOCOL_VERSION`] on the request (ipamd refuses
     /// an incompatible one) and sends it.
     async fn send(self, services: &mut Services) -> Result<Response<Self::Reply>, Status>;
 }
@@ -74,7 +74,7 @@ macro_rules! rpcs {
             type Reply = pb::$reply;
 
             async fn send(mut self, services: &mut Services) -> Result<Response<pb::$reply>, Status> {
-                self.client_version = ferry_proto::CLIENT_VERSION.to_string();
+                self.client_version = ferry_proto::PROTOCOL_VERSION.to_string();
                 services.$service.$method(self).await
             }
         }

@@ -79,7 +79,7 @@ async fn serves_follows_owned_blocks_with_routes_and_stops_cleanly() {
         .unwrap();
     let mut ipam = IpamClient::new(channel.clone());
     let mut admin = IpamAdminClient::new(channel);
-    let version = ferry_proto::CLIENT_VERSION.to_string();
+    let version = ferry_proto::PROTOCOL_VERSION.to_string();
 
     let lease = ipam
         .allocate(pb::AllocateRequest {

@@ -13,8 +13,10 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tonic::transport::{Channel, Endpoint, Uri};
 
-/// Sent as `client_version` on every request.
-pub const CLIENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The version of `ferry.ipam.v1` this build speaks, on both sides: clients
+/// send it as `client_version`, ipamd checks it against its own and reports
+/// it as `server_version`.
+pub const PROTOCOL_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The gRPC health service name ipamd reports as SERVING once it can allocate.
 pub const HEALTH_SERVICE: &str = "ferry.ipam.v1.Ipam";

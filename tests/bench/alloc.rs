@@ -99,7 +99,7 @@ pub async fn run(
 
 fn allocate_request(k: &AllocationKey) -> AllocateRequest {
     AllocateRequest {
-        client_version: ferry_proto::CLIENT_VERSION.into(),
+        client_version: ferry_proto::PROTOCOL_VERSION.into(),
         key: Some(k.clone()),
         pod: Some(PodMeta {
             namespace: "bench".into(),
@@ -114,7 +114,7 @@ fn allocate_request(k: &AllocationKey) -> AllocateRequest {
 
 fn release_request(k: &AllocationKey) -> ReleaseRequest {
     ReleaseRequest {
-        client_version: ferry_proto::CLIENT_VERSION.into(),
+        client_version: ferry_proto::PROTOCOL_VERSION.into(),
         key: Some(k.clone()),
         host_link: None,
     }

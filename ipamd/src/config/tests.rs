@@ -345,14 +345,8 @@ fn bare_levels_keep_libraries_quiet() {
             .unwrap()
             .log_filter()
     };
-    assert_eq!(
-        with("debug"),
-        "info,ipamd=debug,ferry_proto=debug"
-    );
-    assert_eq!(
-        with("warn"),
-        "warn,ipamd=warn,ferry_proto=warn"
-    );
+    assert_eq!(with("debug"), "info,ipamd=debug,ferry_proto=debug");
+    assert_eq!(with("warn"), "warn,ipamd=warn,ferry_proto=warn");
     assert_eq!(with("sled=debug,ipamd=trace"), "sled=debug,ipamd=trace");
 }
 

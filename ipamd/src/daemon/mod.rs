@@ -116,7 +116,7 @@ pub async fn run(
 ) -> Result<(), DaemonError> {
     let started_unix_ms = unix_ms(SystemTime::now());
     info!(
-        version = ferry_proto::CLIENT_VERSION,
+        version = ferry_proto::PROTOCOL_VERSION,
         node = %config.node_name,
         socket = %config.socket.display(),
         state_dir = %config.state_dir.display(),

@@ -167,7 +167,7 @@ impl IpamRpc for IpamService {
             readiness: readiness_to_pb(sum.readiness) as i32,
             reason: sum.reason,
             node: self.ipam.node().to_string(),
-            server_version: ferry_proto::CLIENT_VERSION.to_string(),
+            server_version: ferry_proto::PROTOCOL_VERSION.to_string(),
             allocations: sum.allocations as u64,
             pools: u32::try_from(sum.pools).unwrap_or(u32::MAX),
             blocks: u32::try_from(sum.blocks).unwrap_or(u32::MAX),

@@ -47,7 +47,7 @@ impl From<ReconcileError> for Status {
 
 /// FAILED_PRECONDITION naming both versions when they are not compatible.
 pub fn check_version(client_version: &str) -> Result<(), Status> {
-    let server = ferry_proto::CLIENT_VERSION;
+    let server = ferry_proto::PROTOCOL_VERSION;
     if ferry_proto::versions_compatible(client_version, server) {
         Ok(())
     } else {

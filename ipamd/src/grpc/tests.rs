@@ -81,11 +81,11 @@ fn exhausted_message_names_pool_and_use() {
 
 #[test]
 fn version_check_names_both_versions() {
-    assert!(check_version(ferry_proto::CLIENT_VERSION).is_ok());
+    assert!(check_version(ferry_proto::PROTOCOL_VERSION).is_ok());
     let s = check_version("99.0.0").unwrap_err();
     assert_eq!(s.code(), Code::FailedPrecondition);
     assert!(s.message().contains("99.0.0"));
-    assert!(s.message().contains(ferry_proto::CLIENT_VERSION));
+    assert!(s.message().contains(ferry_proto::PROTOCOL_VERSION));
     assert_eq!(
         check_version("").unwrap_err().code(),
         Code::FailedPrecondition
@@ -280,7 +280,7 @@ fn target(t: pb::target::Target) -> Option<pb::Target> {
 #[tokio::test]
 async fn release_hands_the_pods_own_veth_to_the_unplugger() {
     let (svc, admin, host) = services().await;
-    let v = ferry_proto::CLIENT_VERSION.to_string();
+    let v = ferry_proto::PROTOCOL_VERSION.to_string();
     let veth = ferry_proto::host_veth_name("aaaa1", "eth0");
     host.set_links(&[&veth, "fryneighbour0"]);
     svc.allocate(Request::new(pb::AllocateRequest {
@@ -335,7 +335,7 @@ async fn release_hands_the_pods_own_veth_to_the_unplugger() {
 #[tokio::test]
 async fn collect_garbage_dry_run_changes_nothing_then_acts() {
     let (svc, admin, host) = services().await;
-    let v = ferry_proto::CLIENT_VERSION.to_string();
+    let v = ferry_proto::PROTOCOL_VERSION.to_string();
     let mut req = pb::AllocateRequest {
         client_version: v.clone(),
         key: key("leaked1"),
@@ -375,7 +375,7 @@ async fn collect_garbage_dry_run_changes_nothing_then_acts() {
 #[tokio::test]
 async fn services_over_a_real_core() {
     let (svc, admin, _host) = services().await;
-    let v = ferry_proto::CLIENT_VERSION.to_string();
+    let v = ferry_proto::PROTOCOL_VERSION.to_string();
     let resp = svc
         .allocate(Request::new(pb::AllocateRequest {
             client_version: v.clone(),
@@ -483,7 +483,7 @@ async fn services_over_a_real_core() {
 
 async fn status_of(svc: &IpamService) -> pb::StatusResponse {
     let req = Request::new(pb::StatusRequest {
-        client_version: ferry_proto::CLIENT_VERSION.to_string(),
+        client_version: ferry_proto::PROTOCOL_VERSION.to_string(),
     });
     svc.status(req).await.unwrap().into_inner()
 }
@@ -492,7 +492,7 @@ async fn status_of(svc: &IpamService) -> pb::StatusResponse {
 async fn status_counts_and_reports_a_poisoned_store() {
     let store = Arc::new(crate::store::memory::MemoryStore::new());
     let (svc, _admin, _host) = services_on(store.clone()).await;
-    let v = ferry_proto::CLIENT_VERSION.to_string();
+    let v = ferry_proto::PROTOCOL_VERSION.to_string();
     for c in ["c1", "c2", "c3"] {
         svc.allocate(Request::new(pb::AllocateRequest {
             client_version: v.clone(),

@@ -42,7 +42,7 @@ impl Metrics {
             "build_info",
             &[
                 ("version", env!("CARGO_PKG_VERSION")),
-                ("api_version", ferry_proto::CLIENT_VERSION),
+                ("api_version", ferry_proto::PROTOCOL_VERSION),
             ],
             1,
         );

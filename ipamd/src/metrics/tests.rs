@@ -105,7 +105,7 @@ fn pool_gauges_per_pool() {
         text.contains(&format!(
             "ferry_ipamd_build_info{{version=\"{}\",api_version=\"{}\"}} 1\n",
             env!("CARGO_PKG_VERSION"),
-            ferry_proto::CLIENT_VERSION
+            ferry_proto::PROTOCOL_VERSION
         )),
         "{text}"
     );

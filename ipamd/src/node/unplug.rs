@@ -1,5 +1,5 @@
 //! Deletes pods' host veths in the background after DEL released their
-//! addresses: the kernel's veth unregister waits ~16 ms for RCU, which DEL
+//! addresses: the kernel's veth unregister waits ~20 ms for RCU, which DEL
 //! then need not wait out. A deletion lost to a crash is left to reconcile,
 //! which deletes veths without an allocation.
 

@@ -138,7 +138,7 @@ impl IpamClient for GrpcIpam {
         pool_hint: Option<&str>,
     ) -> Result<Lease, IpamClientError> {
         let req = pb::AllocateRequest {
-            client_version: ferry_proto::CLIENT_VERSION.to_string(),
+            client_version: ferry_proto::PROTOCOL_VERSION.to_string(),
             key: Some(pb_key(key)),
             pod: Some(pb::PodMeta {
                 namespace: pod.namespace.clone(),
@@ -181,7 +181,7 @@ impl IpamClient for GrpcIpam {
 
     fn release(&self, key: &Key) -> Result<(), IpamClientError> {
         let req = pb::ReleaseRequest {
-            client_version: ferry_proto::CLIENT_VERSION.to_string(),
+            client_version: ferry_proto::PROTOCOL_VERSION.to_string(),
             key: Some(pb_key(key)),
             host_link: None,
         };
@@ -196,7 +196,7 @@ impl IpamClient for GrpcIpam {
         ifindex: u32,
     ) -> Result<bool, IpamClientError> {
         let req = pb::ReleaseRequest {
-            client_version: ferry_proto::CLIENT_VERSION.to_string(),
+            client_version: ferry_proto::PROTOCOL_VERSION.to_string(),
             key: Some(pb_key(key)),
             host_link: Some(pb::HostLink {
                 name: host_veth.to_string(),
@@ -209,7 +209,7 @@ impl IpamClient for GrpcIpam {
 
     fn check(&self, key: &Key) -> Result<Option<Vec<Ipv4Net>>, IpamClientError> {
         let req = pb::CheckRequest {
-            client_version: ferry_proto::CLIENT_VERSION.to_string(),
+            client_version: ferry_proto::PROTOCOL_VERSION.to_string(),
             key: Some(pb_key(key)),
         };
         let resp = self.call(|mut c| async move { c.check(req).await })?;
@@ -220,7 +220,7 @@ impl IpamClient for GrpcIpam {
 
     fn gc(&self, network: &str, valid: &[Key]) -> Result<Vec<Key>, IpamClientError> {
         let req = pb::GcRequest {
-            client_version: ferry_proto::CLIENT_VERSION.to_string(),
+            client_version: ferry_proto::PROTOCOL_VERSION.to_string(),
             network: network.to_string(),
             valid: valid.iter().map(pb_key).collect(),
         };
@@ -234,7 +234,7 @@ impl IpamClient for GrpcIpam {
 
     fn status(&self) -> Result<(Readiness, String), IpamClientError> {
         let req = pb::StatusRequest {
-            client_version: ferry_proto::CLIENT_VERSION.to_string(),
+            client_version: ferry_proto::PROTOCOL_VERSION.to_string(),
         };
         let resp = self.call(|mut c| async move { c.status(req).await })?;
         let readiness = match resp.readiness() {
