@@ -45,7 +45,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             _ = sigint.recv() => info!("SIGINT: stopping"),
         }
     };
-    let host = Host::open(&config).await?;
+    let host = Host::open()?;
     daemon::run(config, host, stop).await?;
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! signals; tests call [`run`] with an in-memory [`Host`].
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -22,7 +22,9 @@ use crate::error::IpamError;
 use crate::grpc::{AdminService, IpamService};
 use crate::ipam::Ipam;
 use crate::metrics::{self, BindError, Metrics};
-use crate::node::{self, BlockRoutes, HostLinks, NodeError, NodeNet, RouteReconciler, Unplugger};
+use crate::node::{
+    self, BlockRoutes, HostLinks, NodeError, NodeNet, NodeSetup, RouteReconciler, Unplugger,
+};
 use crate::reconcile::Reconciler;
 use crate::store::recover::{self, RecoverError};
 
@@ -52,7 +54,7 @@ pub enum DaemonError {
     State {
         dir: PathBuf,
         #[source]
-        source: RecoverError,
+        source: Box<RecoverError>,
     },
     #[error("opening the IPAM core")]
     Core(#[source] IpamError),
@@ -74,35 +76,42 @@ fn node_err(what: &'static str) -> impl FnOnce(NodeError) -> DaemonError {
 pub struct Host {
     pub links: Arc<dyn HostLinks>,
     pub routes: Arc<dyn BlockRoutes>,
-    /// Handed to every pod.
-    pub mtu: u32,
+    pub setup: Arc<dyn NodeSetup>,
 }
 
 impl Host {
-    /// The node ipamd runs in: IP forwarding on, its netlink, and the pod
-    /// MTU as configured or from the underlay.
-    pub async fn open(config: &Config) -> Result<Host, DaemonError> {
-        if node::ensure_ip_forward(Path::new(node::IP_FORWARD))
+    /// The node ipamd runs in, through one netlink socket; nothing on the
+    /// node changes until [`run`] has opened the state.
+    pub fn open() -> Result<Host, DaemonError> {
+        let net = Arc::new(NodeNet::new().map_err(node_err("netlink"))?);
+        Ok(Host {
+            links: net.clone(),
+            routes: net.clone(),
+            setup: net,
+        })
+    }
+
+    /// Forwarding on, and the pod MTU: configured, or the underlay's less
+    /// the IPIP header.
+    async fn prepare(&self, configured_mtu: Option<u32>) -> Result<u32, DaemonError> {
+        if self
+            .setup
+            .enable_forwarding()
             .map_err(node_err("enabling IP forwarding"))?
         {
             info!("enabled net.ipv4.ip_forward");
         }
-        let net = NodeNet::new().map_err(node_err("netlink"))?;
-        let mtu = match config.mtu {
+        let mtu = match configured_mtu {
             Some(m) => m,
             None => node::pod_mtu(
-                net.detect_underlay_mtu()
+                self.setup
+                    .underlay_mtu()
                     .await
                     .map_err(node_err("detecting the underlay MTU"))?,
             ),
         };
         info!(mtu, "pod MTU");
-        let net = Arc::new(net);
-        Ok(Host {
-            links: net.clone(),
-            routes: net,
-            mtu,
-        })
+        Ok(mtu)
     }
 }
 
@@ -143,7 +152,7 @@ pub async fn run(
     .await
     .map_err(|source| DaemonError::State {
         dir: config.state_dir.clone(),
-        source,
+        source: Box::new(source),
     })?;
     let ipam = Arc::new(
         Ipam::open(
@@ -163,6 +172,8 @@ pub async fn run(
         ipam.hold_fresh_until(until, why);
     }
 
+    // The node's dataplane: forwarding, MTU, then the routes of owned blocks.
+    let mtu = host.prepare(config.mtu).await?;
     let owned = ipam.watch_owned_blocks();
     let mut routes = RouteReconciler::new(host.routes.clone());
     // Cloned: a held borrow would stall the core's next publication.
@@ -214,7 +225,7 @@ pub async fn run(
 
     let ipam_service = IpamService::new(
         ipam.clone(),
-        host.mtu,
+        mtu,
         config.state_dir.display().to_string(),
         started_unix_ms,
     )
@@ -323,3 +334,6 @@ async fn release_idle_blocks(ipam: Arc<Ipam>) {
 fn idle_check_interval(grace: Duration) -> Duration {
     (grace / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
 }
+
+#[cfg(test)]
+mod tests;

@@ -58,4 +58,6 @@ pub fn check_version(client_version: &str) -> Result<(), Status> {
 }
 
 #[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 mod tests;

@@ -76,6 +76,14 @@ pub trait HostLinks: Send + Sync {
 /// ferry's host veths, and the /32 each routes.
 pub type LinksAndAddresses = (Vec<HostLink>, Vec<scan::VethAddress>);
 
+/// What ipamd asks of the node once at start, after its state is open.
+pub trait NodeSetup: Send + Sync {
+    /// Turns IPv4 forwarding on; true when it was off.
+    fn enable_forwarding(&self) -> Result<bool, NodeError>;
+    /// The MTU of the interface pod traffic leaves by.
+    fn underlay_mtu(&self) -> BoxFuture<'_, Result<u32, NodeError>>;
+}
+
 /// Blackhole routes for owned blocks, marked with [`ROUTE_PROTOCOL`].
 pub trait BlockRoutes: Send + Sync {
     /// Idempotent: an existing route is success.
@@ -126,7 +134,7 @@ pub fn pod_mtu(underlay: u32) -> u32 {
     underlay.saturating_sub(IPIP_OVERHEAD)
 }
 
-#[cfg(any(test, feature = "test-util"))]
+#[cfg(test)]
 pub mod fake {
     //! In-memory stand-ins for the host, for unit tests.
 
@@ -136,7 +144,7 @@ pub mod fake {
     use futures::future::BoxFuture;
     use ipnet::Ipv4Net;
 
-    use super::{BlockRoutes, HostLink, HostLinks, NodeError};
+    use super::{BlockRoutes, FALLBACK_UNDERLAY_MTU, HostLink, HostLinks, NodeError, NodeSetup};
 
     #[derive(Default)]
     pub struct FakeHost {
@@ -185,6 +193,16 @@ pub mod fake {
             &self,
         ) -> BoxFuture<'_, Result<Vec<super::scan::VethAddress>, NodeError>> {
             Box::pin(async { Ok(Vec::new()) })
+        }
+    }
+
+    /// Forwarding already on; the common Ethernet MTU.
+    impl NodeSetup for FakeHost {
+        fn enable_forwarding(&self) -> Result<bool, NodeError> {
+            Ok(false)
+        }
+        fn underlay_mtu(&self) -> BoxFuture<'_, Result<u32, NodeError>> {
+            Box::pin(async { Ok(FALLBACK_UNDERLAY_MTU) })
         }
     }
 

@@ -17,8 +17,8 @@ use rtnetlink::{Handle, RouteMessageBuilder};
 
 use super::scan::{self, VethAddress};
 use super::{
-    BlockRoutes, HostLink, HostLinks, LinkInfo, LinksAndAddresses, NodeError, ROUTE_PROTOCOL,
-    underlay_mtu,
+    BlockRoutes, HostLink, HostLinks, LinkInfo, LinksAndAddresses, NodeError, NodeSetup,
+    ROUTE_PROTOCOL, underlay_mtu,
 };
 
 const EEXIST: i32 = libc::EEXIST;
@@ -74,12 +74,20 @@ impl NodeNet {
                 source,
             })
     }
+}
 
-    /// The underlay MTU (see [`underlay_mtu`]).
-    pub async fn detect_underlay_mtu(&self) -> Result<u32, NodeError> {
-        let links: Vec<LinkInfo> = self.links().await?.iter().map(link_info).collect();
-        let routes = self.ipv4_routes().await?;
-        Ok(underlay_mtu(&links, default_route_oif(&routes)))
+impl NodeSetup for NodeNet {
+    fn enable_forwarding(&self) -> Result<bool, NodeError> {
+        super::ensure_ip_forward(std::path::Path::new(super::IP_FORWARD))
+    }
+
+    /// See [`underlay_mtu`].
+    fn underlay_mtu(&self) -> BoxFuture<'_, Result<u32, NodeError>> {
+        Box::pin(async move {
+            let links: Vec<LinkInfo> = self.links().await?.iter().map(link_info).collect();
+            let routes = self.ipv4_routes().await?;
+            Ok(underlay_mtu(&links, default_route_oif(&routes)))
+        })
     }
 }
 

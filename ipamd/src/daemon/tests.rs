@@ -5,13 +5,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::{self as daemon, Host};
+use crate::config::{Cli, Config, FileConfig};
+use crate::node::fake::FakeHost;
 use clap::Parser;
 use ferry_proto::v1 as pb;
 use ferry_proto::v1::ipam_admin_client::IpamAdminClient;
 use ferry_proto::v1::ipam_client::IpamClient;
-use ipamd::config::{Cli, Config, FileConfig};
-use ipamd::daemon::{self, Host};
-use ipamd::node::fake::FakeHost;
 use ipnet::Ipv4Net;
 use tokio::sync::oneshot;
 
@@ -67,7 +67,7 @@ async fn serves_follows_owned_blocks_with_routes_and_stops_cleanly() {
     let host = Host {
         links: fake.clone(),
         routes: fake.clone(),
-        mtu: 1400,
+        setup: fake.clone(),
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let daemon = tokio::spawn(daemon::run(config, host, async {
@@ -162,8 +162,8 @@ async fn a_live_socket_is_not_taken_over() {
     let fake = Arc::new(FakeHost::default());
     let host = Host {
         links: fake.clone(),
-        routes: fake,
-        mtu: 1400,
+        routes: fake.clone(),
+        setup: fake,
     };
     let err = daemon::run(config, host, std::future::pending())
         .await
