@@ -7,7 +7,7 @@ use crate::cluster::ClusterError;
 use crate::store::StoreError;
 
 /// Everything ipamd's core can refuse or fail with. Mapped to a gRPC status
-/// once, in `grpc.rs`.
+/// once, in `grpc/mod.rs` (`From<IpamError> for Status`).
 #[derive(Debug, thiserror::Error)]
 pub enum IpamError {
     #[error(

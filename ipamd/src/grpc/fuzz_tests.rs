@@ -36,7 +36,7 @@ use tonic::{Code, Request, Status};
 const PLUGIN_CASES: u32 = 40_000;
 const ADMIN_CASES: u32 = 30_000;
 
-/// The codes ipamd's error mapping (`ipam_status` in ipamd/src/grpc.rs) lets a
+/// The codes ipamd's error mapping (`From<IpamError> for Status` in `grpc/mod.rs`) lets a
 /// request end in, each of which the plugin turns into a CNI code.
 /// UNAVAILABLE (cluster store down, or the hold after a database rebuild)
 /// cannot happen here: the cluster store is local and the store in memory is

@@ -966,3 +966,35 @@ fn store_error_is_reported() {
     let e = IpamError::from(StoreError::Closed);
     assert_eq!(e.to_string(), "store: store is closed");
 }
+
+#[tokio::test]
+async fn owned_blocks_are_published_on_every_change_to_them() {
+    let (ipam, _store, _tc) = open_mem(vec![spec("default", "10.244.0.0/16", 26, &[])]).await;
+    let cidrs = |v: &[BlockClaim]| v.iter().map(|b| b.cidr).collect::<Vec<_>>();
+    let mut owned = ipam.watch_owned_blocks();
+    assert!(owned.borrow_and_update().is_empty());
+
+    let a = ipam.allocate(params(1)).await.unwrap();
+    assert!(owned.has_changed().unwrap(), "a claim is published");
+    assert_eq!(cidrs(&owned.borrow_and_update()), vec![a.block]);
+    ipam.allocate(params(2)).await.unwrap();
+    assert!(
+        !owned.has_changed().unwrap(),
+        "an address in an owned block changes no block"
+    );
+
+    ipam.add_pool(spec("team", "10.50.0.0/24", 28, &["team"]), &[])
+        .await
+        .unwrap();
+    let mut in_team = params(3);
+    in_team.pool_hint = Some("team".into());
+    let t = ipam.allocate(in_team.clone()).await.unwrap();
+    assert_eq!(cidrs(&owned.borrow_and_update()), vec![t.block, a.block]);
+    ipam.release(&in_team.key).await.unwrap();
+    ipam.remove_pool("team").await.unwrap();
+    assert!(
+        owned.has_changed().unwrap(),
+        "a removed pool's blocks are published"
+    );
+    assert_eq!(cidrs(&owned.borrow_and_update()), vec![a.block]);
+}

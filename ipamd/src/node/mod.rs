@@ -152,6 +152,8 @@ pub mod fake {
         pub deleted: Mutex<Vec<HostLink>>,
         pub routes: Mutex<BTreeSet<Ipv4Net>>,
         pub route_ops: Mutex<Vec<String>>,
+        /// How many of the next route changes fail.
+        pub failing_route_ops: Mutex<usize>,
     }
 
     impl FakeHost {
@@ -167,9 +169,24 @@ pub mod fake {
                 .collect();
         }
 
+        /// Counts down [`FakeHost::failing_route_ops`]; true while it lasts.
+        fn route_op_fails(&self) -> bool {
+            let mut n = self.failing_route_ops.lock().unwrap();
+            let fails = *n > 0;
+            *n = n.saturating_sub(1);
+            fails
+        }
+
         pub fn names(&self) -> Vec<String> {
             let links = self.links.lock().unwrap();
             links.iter().map(|l| l.name.clone()).collect()
+        }
+    }
+
+    fn injected_failure() -> NodeError {
+        NodeError::Io {
+            path: "/fake".into(),
+            source: std::io::Error::other("injected"),
         }
     }
 
@@ -208,11 +225,17 @@ pub mod fake {
 
     impl BlockRoutes for FakeHost {
         fn add_blackhole(&self, block: Ipv4Net) -> BoxFuture<'_, Result<(), NodeError>> {
+            if self.route_op_fails() {
+                return Box::pin(async { Err(injected_failure()) });
+            }
             self.route_ops.lock().unwrap().push(format!("add {block}"));
             self.routes.lock().unwrap().insert(block);
             Box::pin(async { Ok(()) })
         }
         fn remove_blackhole(&self, block: Ipv4Net) -> BoxFuture<'_, Result<(), NodeError>> {
+            if self.route_op_fails() {
+                return Box::pin(async { Err(injected_failure()) });
+            }
             self.route_ops.lock().unwrap().push(format!("del {block}"));
             self.routes.lock().unwrap().remove(&block);
             Box::pin(async { Ok(()) })

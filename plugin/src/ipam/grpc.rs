@@ -85,7 +85,7 @@ impl GrpcIpam {
     }
 
     /// The one place a tonic Status becomes an IpamClientError, reading the
-    /// codes ipamd's `ipam_status` (ipamd/src/grpc.rs) gives its errors.
+    /// codes ipamd gives its errors (`From<IpamError> for Status`, ipamd/src/grpc/mod.rs).
     fn map_status(&self, s: Status) -> IpamClientError {
         // ipamd's own statuses never carry a source; one that does was made
         // on this side from a broken connection (reset mid-call, refused),

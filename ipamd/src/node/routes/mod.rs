@@ -16,6 +16,9 @@ use tracing::{info, warn};
 use super::{BlockRoutes, NodeError};
 use crate::model::BlockClaim;
 
+/// The first retry after a failed route change.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+
 pub struct RouteReconciler {
     routes: Arc<dyn BlockRoutes>,
     /// What this reconciler added or found in place and has not removed.
@@ -50,6 +53,7 @@ impl RouteReconciler {
                     self.installed.insert(*block);
                 }
                 Err(e) => {
+                    warn!(%block, error = %e, "cannot add blackhole route");
                     first_err.get_or_insert(e);
                 }
             }
@@ -61,6 +65,7 @@ impl RouteReconciler {
                     self.installed.remove(block);
                 }
                 Err(e) => {
+                    warn!(%block, error = %e, "cannot remove blackhole route");
                     first_err.get_or_insert(e);
                 }
             }
@@ -69,8 +74,8 @@ impl RouteReconciler {
     }
 
     /// Follows `owned` until `stop`: converges after every change, and
-    /// reads the kernel's routes again every `resync_every`, which also
-    /// retries what failed.
+    /// reads the kernel's routes again every `resync_every`. What failed is
+    /// retried after 1 s, then 2 s, 4 s... up to `resync_every`.
     pub async fn run(
         mut self,
         mut owned: watch::Receiver<Vec<BlockClaim>>,
@@ -80,6 +85,8 @@ impl RouteReconciler {
         let mut resync =
             tokio::time::interval_at(tokio::time::Instant::now() + resync_every, resync_every);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut backoff = FIRST_RETRY;
+        let mut retry_at: Option<tokio::time::Instant> = None;
         loop {
             let full = tokio::select! {
                 changed = owned.changed() => {
@@ -89,6 +96,8 @@ impl RouteReconciler {
                     false
                 }
                 _ = resync.tick() => true,
+                _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)),
+                    if retry_at.is_some() => true,
                 _ = stop.wait_for(|s| *s) => return,
             };
             let blocks = owned.borrow_and_update().clone();
@@ -97,8 +106,16 @@ impl RouteReconciler {
             } else {
                 self.converge(&blocks).await
             };
-            if let Err(e) = done {
-                warn!(error = %e, "blackhole route sync failed; retrying at the next resync");
+            match done {
+                Ok(()) => {
+                    backoff = FIRST_RETRY;
+                    retry_at = None;
+                }
+                Err(_) => {
+                    // The failed block was logged by name; only schedule.
+                    retry_at = Some(tokio::time::Instant::now() + backoff);
+                    backoff = (backoff * 2).min(resync_every);
+                }
             }
         }
     }

@@ -95,3 +95,26 @@ async fn the_task_follows_every_publication_until_stopped() {
         .expect("the task stops when told")
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_failed_route_change_is_retried_before_the_resync() {
+    let host = Arc::new(FakeHost::default());
+    *host.failing_route_ops.lock().unwrap() = 2;
+    let (tx, rx) = watch::channel(vec![]);
+    let (_stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(RouteReconciler::new(host.clone()).run(rx, Duration::from_secs(3600), stop_rx));
+    tx.send_replace(vec![claim("10.244.0.0/26")]);
+    // Retries at 1 s and then 2 s later, an hour before the resync.
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while routes(&host).is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the route is added by a retry, not the hourly resync");
+    assert_eq!(
+        *host.failing_route_ops.lock().unwrap(),
+        0,
+        "both failures were hit"
+    );
+}
