@@ -57,6 +57,8 @@ pub fn clear_stale(path: &Path) -> Result<(), SocketError> {
 
 /// Binds with a umask that leaves the socket 0600 from its first moment,
 /// then sets the mode explicitly, all before anything is served.
+/// The umask is the process's: a file another thread creates meanwhile gets
+/// it too, which only matters to a process that is not root.
 pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(io("creating socket directory", parent))?;
