@@ -1,6 +1,6 @@
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use super::*;
 use crate::clock::ManualClock;
@@ -850,12 +850,17 @@ async fn concurrent_allocations_on_sled() {
     assert_eq!(snap.allocations.len(), 200);
 }
 
-/// Allocates and releases from 8 tasks until told to stop; cooldown 0,
-/// so addresses also move from key to key while the checks run.
-fn churn(ipam: &Arc<Ipam>, stop: &Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<usize>> {
+/// Allocates and releases from 8 tasks until told to stop, counting rounds
+/// in `rounds`; cooldown 0, so addresses also move from key to key while
+/// the checks run.
+fn churn(
+    ipam: &Arc<Ipam>,
+    stop: &Arc<AtomicBool>,
+    rounds: &Arc<AtomicUsize>,
+) -> Vec<tokio::task::JoinHandle<()>> {
     (0..8)
         .map(|w| {
-            let (ipam, stop) = (ipam.clone(), stop.clone());
+            let (ipam, stop, rounds) = (ipam.clone(), stop.clone(), rounds.clone());
             tokio::spawn(async move {
                 let mut n = 0;
                 while !stop.load(Ordering::SeqCst) {
@@ -864,8 +869,8 @@ fn churn(ipam: &Arc<Ipam>, stop: &Arc<AtomicBool>) -> Vec<tokio::task::JoinHandl
                         .await
                         .unwrap();
                     n += 1;
+                    rounds.fetch_add(1, Ordering::SeqCst);
                 }
-                n
             })
         })
         .collect()
@@ -885,17 +890,26 @@ async fn check_stays_clean_under_churn(store: Arc<dyn Store>) {
         .unwrap(),
     );
     let stop = Arc::new(AtomicBool::new(false));
-    let workers = churn(&ipam, &stop);
-    for i in 0..200 {
+    let rounds = Arc::new(AtomicUsize::new(0));
+    let workers = churn(&ipam, &stop, &rounds);
+    // At least 200 checks, and on until the workers have changed the state
+    // many times meanwhile: a fast check must not finish before the churn.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut checks = 0;
+    while checks < 200 || rounds.load(Ordering::SeqCst) < 400 {
         let diffs = ipam.check_consistency().await.unwrap();
-        assert!(diffs.is_empty(), "check {i} under churn: {diffs:?}");
+        assert!(diffs.is_empty(), "check {checks} under churn: {diffs:?}");
+        checks += 1;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the churn made only {} rounds in a minute",
+            rounds.load(Ordering::SeqCst)
+        );
     }
     stop.store(true, Ordering::SeqCst);
-    let mut rounds = 0;
     for w in workers {
-        rounds += w.await.unwrap();
+        w.await.unwrap();
     }
-    assert!(rounds > 0, "the checks ran without any churn");
     assert!(ipam.check_consistency().await.unwrap().is_empty());
 }
 
