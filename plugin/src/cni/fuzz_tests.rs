@@ -13,7 +13,7 @@
 //!   key, pod info, host veth name and prevResult can be derived without a
 //!   panic.
 //!
-//! 40,000 mutated + 20,000 random cases (see `ipamd/tests/fuzz_validation.rs`
+//! 40,000 mutated + 20,000 random cases (see `ipamd/src/grpc/fuzz_tests.rs`
 //! for the rest of the 100,000).
 
 use std::cell::RefCell;
