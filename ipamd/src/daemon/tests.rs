@@ -3,11 +3,11 @@
 //! sees, and the blackhole routes following the blocks the core owns.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{self as daemon, Host};
 use crate::config::{Cli, Config, FileConfig};
-use crate::node::fake::FakeHost;
+use crate::node::fake::{FakeHost, eventually};
 use clap::Parser;
 use ferry_proto::v1 as pb;
 use ferry_proto::v1::ipam_admin_client::IpamAdminClient;
@@ -37,14 +37,7 @@ fn config(dir: &std::path::Path) -> Config {
     Config::merge(cli, FileConfig::default(), || Some("node-1".into())).unwrap()
 }
 
-/// Polls `check` until it holds or five seconds pass.
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+const WITHIN: Duration = Duration::from_secs(5);
 
 fn routes(host: &FakeHost) -> Vec<Ipv4Net> {
     host.routes.lock().unwrap().iter().copied().collect()
@@ -73,7 +66,7 @@ async fn serves_follows_owned_blocks_with_routes_and_stops_cleanly() {
     let daemon = tokio::spawn(daemon::run(config, host, async {
         let _ = stopped.await;
     }));
-    eventually("the socket is served", || socket.exists()).await;
+    eventually("the socket is served", WITHIN, || socket.exists()).await;
     let channel = ferry_proto::connect_uds(&socket, Duration::from_secs(5))
         .await
         .unwrap();
@@ -93,7 +86,7 @@ async fn serves_follows_owned_blocks_with_routes_and_stops_cleanly() {
     assert_eq!(lease.addresses, ["10.99.0.1/32"]);
     assert_eq!(lease.mtu, 1400);
     let block: Ipv4Net = "10.99.0.0/28".parse().unwrap();
-    eventually("the claimed block has its blackhole route", || {
+    eventually("the claimed block has its blackhole route", WITHIN, || {
         routes(&fake) == [block]
     })
     .await;
@@ -122,7 +115,7 @@ async fn serves_follows_owned_blocks_with_routes_and_stops_cleanly() {
     .await
     .unwrap();
     let extra: Ipv4Net = "10.98.0.0/28".parse().unwrap();
-    eventually("the run-time pool's block is routed", || {
+    eventually("the run-time pool's block is routed", WITHIN, || {
         routes(&fake) == [extra, block]
     })
     .await;
@@ -140,7 +133,7 @@ async fn serves_follows_owned_blocks_with_routes_and_stops_cleanly() {
         })
         .await
         .unwrap();
-    eventually("the removed pool's route is gone", || {
+    eventually("the removed pool's route is gone", WITHIN, || {
         routes(&fake) == [block]
     })
     .await;

@@ -183,6 +183,22 @@ pub mod fake {
         }
     }
 
+    /// Polls `check` until it holds; panics naming `what` after `within`.
+    pub async fn eventually(
+        what: &str,
+        within: std::time::Duration,
+        mut check: impl FnMut() -> bool,
+    ) {
+        let deadline = tokio::time::Instant::now() + within;
+        while !check() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting until {what}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     fn injected_failure() -> NodeError {
         NodeError::Io {
             path: "/fake".into(),

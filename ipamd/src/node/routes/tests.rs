@@ -6,7 +6,9 @@ use tokio::sync::watch;
 
 use super::RouteReconciler;
 use crate::model::BlockClaim;
-use crate::node::fake::FakeHost;
+use crate::node::fake::{FakeHost, eventually};
+
+const WITHIN: Duration = Duration::from_secs(5);
 
 fn claim(cidr: &str) -> BlockClaim {
     BlockClaim {
@@ -69,26 +71,14 @@ async fn the_task_follows_every_publication_until_stopped() {
         Duration::from_secs(3600),
         stop_rx,
     ));
-    let wait_for = |want: Vec<Ipv4Net>| {
-        let host = host.clone();
-        async move {
-            tokio::time::timeout(Duration::from_secs(5), async {
-                while routes(&host) != want {
-                    tokio::task::yield_now().await;
-                }
-            })
-            .await
-            .unwrap_or_else(|_| panic!("routes {:?}, want {want:?}", routes(&host)));
-        }
-    };
     tx.send_replace(vec![claim("10.244.0.0/26"), claim("10.244.0.64/26")]);
-    wait_for(vec![
+    let both: Vec<Ipv4Net> = vec![
         "10.244.0.0/26".parse().unwrap(),
         "10.244.0.64/26".parse().unwrap(),
-    ])
-    .await;
+    ];
+    eventually("both blocks are routed", WITHIN, || routes(&host) == both).await;
     tx.send_replace(vec![]);
-    wait_for(vec![]).await;
+    eventually("no route is left", WITHIN, || routes(&host).is_empty()).await;
     stop_tx.send_replace(true);
     tokio::time::timeout(Duration::from_secs(5), task)
         .await
@@ -105,13 +95,12 @@ async fn a_failed_route_change_is_retried_before_the_resync() {
     tokio::spawn(RouteReconciler::new(host.clone()).run(rx, Duration::from_secs(3600), stop_rx));
     tx.send_replace(vec![claim("10.244.0.0/26")]);
     // Retries at 1 s and then 2 s later, an hour before the resync.
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while routes(&host).is_empty() {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await
-    .expect("the route is added by a retry, not the hourly resync");
+    eventually(
+        "a retry, not the hourly resync, adds the route",
+        Duration::from_secs(20),
+        || !routes(&host).is_empty(),
+    )
+    .await;
     assert_eq!(
         *host.failing_route_ops.lock().unwrap(),
         0,
