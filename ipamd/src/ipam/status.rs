@@ -124,14 +124,14 @@ impl Ipam {
         Ok(claims)
     }
 
-    /// The blocks this node owns, for blackhole routes.
+    /// The blocks this node owns, as last published: no allocator lock.
     pub fn owned_blocks(&self) -> Vec<Ipv4Net> {
-        self.lock().owned_blocks()
+        self.owned.borrow().iter().map(|b| b.cidr).collect()
     }
 
-    /// The blocks this node owns with their pools, for routes and the cluster.
+    /// The blocks this node owns with their pools, as last published.
     pub fn block_claims(&self) -> Vec<BlockClaim> {
-        self.lock().block_claims()
+        self.owned.borrow().clone()
     }
 
     /// The pool specs, by name.

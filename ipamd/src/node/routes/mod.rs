@@ -45,12 +45,14 @@ impl RouteReconciler {
     /// reading the kernel's routes: the cheap step after each change.
     pub async fn converge(&mut self, owned: &[BlockClaim]) -> Result<(), NodeError> {
         let want: BTreeSet<Ipv4Net> = owned.iter().map(|b| b.cidr).collect();
+        let to_add: Vec<Ipv4Net> = want.difference(&self.installed).copied().collect();
+        let to_remove: Vec<Ipv4Net> = self.installed.difference(&want).copied().collect();
         let mut first_err = None;
-        for block in want.difference(&self.installed.clone()) {
-            match self.routes.add_blackhole(*block).await {
+        for block in to_add {
+            match self.routes.add_blackhole(block).await {
                 Ok(()) => {
                     info!(%block, "added blackhole route for owned block");
-                    self.installed.insert(*block);
+                    self.installed.insert(block);
                 }
                 Err(e) => {
                     warn!(%block, error = %e, "cannot add blackhole route");
@@ -58,11 +60,11 @@ impl RouteReconciler {
                 }
             }
         }
-        for block in self.installed.clone().difference(&want) {
-            match self.routes.remove_blackhole(*block).await {
+        for block in to_remove {
+            match self.routes.remove_blackhole(block).await {
                 Ok(()) => {
                     info!(%block, "removed blackhole route of released block");
-                    self.installed.remove(block);
+                    self.installed.remove(&block);
                 }
                 Err(e) => {
                     warn!(%block, error = %e, "cannot remove blackhole route");
