@@ -84,6 +84,13 @@ pub struct CheckLoad {
     pub p99_ratio_vs_status: Option<f64>,
 }
 
+impl CheckLoad {
+    /// No loop, the status loop, the check loop: the order they print in.
+    pub fn runs(&self) -> [&CheckRun; 3] {
+        [&self.without_check, &self.with_status, &self.with_check]
+    }
+}
+
 fn p99_ratio(a: &CheckRun, b: &CheckRun) -> Option<f64> {
     let (a, b) = (&a.latency, &b.latency);
     (a.count > 0 && b.count > 0 && b.p99_ms > 0.0).then(|| a.p99_ms / b.p99_ms)

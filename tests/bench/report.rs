@@ -318,11 +318,11 @@ impl Report {
             .allocate
             .iter()
             .filter_map(|l| l.first_error.as_ref())
-            .chain(self.check_load.iter().flat_map(|c| {
-                [&c.without_check, &c.with_status, &c.with_check]
-                    .into_iter()
-                    .filter_map(|r| r.first_error.as_ref())
-            }))
+            .chain(
+                self.check_load
+                    .iter()
+                    .flat_map(|c| c.runs().into_iter().filter_map(|r| r.first_error.as_ref())),
+            )
             .collect();
         if !errors.is_empty() || !alloc_errors.is_empty() {
             println!();
@@ -356,14 +356,12 @@ impl CheckOnlyReport {
     pub fn print(&self) {
         print_part_header("check", self.cpus, self.elapsed_s, &self.load_average_start);
         print_check_load(&self.check_load);
-        let errors: Vec<&String> = [
-            &self.check_load.without_check,
-            &self.check_load.with_status,
-            &self.check_load.with_check,
-        ]
-        .into_iter()
-        .filter_map(|r| r.first_error.as_ref())
-        .collect();
+        let errors: Vec<&String> = self
+            .check_load
+            .runs()
+            .into_iter()
+            .filter_map(|r| r.first_error.as_ref())
+            .collect();
         if !errors.is_empty() {
             println!();
             println!("First failures");
@@ -447,7 +445,7 @@ fn print_check_load(c: &CheckLoad) {
         "  {:<34}{:>16}{:>16}{:>16}",
         "", "no loop", "status loop", "check loop"
     );
-    let runs = [&c.without_check, &c.with_status, &c.with_check];
+    let runs = c.runs();
     let row = |name: &str, f: &dyn Fn(&CheckRun) -> String| {
         let mut line = format!("  {name:<34}");
         for r in runs {
