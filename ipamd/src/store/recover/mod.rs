@@ -163,9 +163,7 @@ pub fn last_rebuild(state_dir: &Path) -> Option<SystemTime> {
     entries
         .filter_map(|e| {
             let name = e.ok()?.file_name().into_string().ok()?;
-            let rest = name.strip_prefix("db.corrupt-")?;
-            let secs = rest.split('-').next()?.parse::<u64>().ok()?;
-            Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+            crate::store::sled::moved_aside_at(&name)
         })
         .max()
 }

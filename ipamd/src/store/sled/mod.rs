@@ -116,6 +116,16 @@ fn sync_path(p: &Path) -> Result<(), StoreError> {
         .map_err(|e| io_err(p, e))
 }
 
+/// A database moved aside is `db.corrupt-<unix seconds>[-N]`.
+const MOVED_ASIDE_PREFIX: &str = "db.corrupt-";
+
+/// When the database named `name` was moved aside, if it was.
+pub fn moved_aside_at(name: &str) -> Option<SystemTime> {
+    let rest = name.strip_prefix(MOVED_ASIDE_PREFIX)?;
+    let secs = rest.split('-').next()?.parse::<u64>().ok()?;
+    Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+}
+
 impl SledStore {
     /// Opens (or creates) the database at `state_dir/db`. Fails with
     /// [`StoreError::Lost`] when the database holds less than was once
@@ -235,10 +245,10 @@ impl SledStore {
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let from = state_dir.join("db");
-        let mut to = state_dir.join(format!("db.corrupt-{secs}"));
+        let mut to = state_dir.join(format!("{MOVED_ASIDE_PREFIX}{secs}"));
         let mut n = 1;
         while to.symlink_metadata().is_ok() {
-            to = state_dir.join(format!("db.corrupt-{secs}-{n}"));
+            to = state_dir.join(format!("{MOVED_ASIDE_PREFIX}{secs}-{n}"));
             n += 1;
         }
         match std::fs::rename(&from, &to) {
